@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU torch first (a local wheel on CI machines): pyproject's range is then satisfied, no CUDA build is pulled.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/slipstream up --config configs/demo.toml
+
+test: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check . && $(BIN)/python -m ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/slipstream bench bus
+
+clean:
+	rm -rf $(VENV) runs

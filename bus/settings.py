@@ -1,0 +1,143 @@
+"""Loading node settings: defaults < TOML file < environment (SLIPSTREAM_*) < dotted CLI overrides.
+
+Every node's config is a `NodeSettings` subclass whose fields are sections (pydantic models that forbid unknown
+keys, so a typo names itself). One TOML file may hold the sections of several nodes: a node ignores top-level
+sections it does not own, but a CLI override must name a section the node has.
+
+    settings = load_settings(LearnerSettings, "configs/demo.toml", ["--learner.lr", "1e-6", "--bus.url=redis://h:6379"])
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_toml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_toml_data", default={})
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the field and the rule."""
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return _toml_data.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in _toml_data.get().items() if k in self.settings_cls.model_fields}
+
+
+class NodeSettings(BaseSettings):
+    """Base of a node's settings. Environment: SLIPSTREAM_<SECTION>__<FIELD>, e.g. SLIPSTREAM_BUS__URL."""
+
+    model_config = SettingsConfigDict(env_prefix="SLIPSTREAM_", env_nested_delimiter="__", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _TomlSource(settings_cls)
+
+
+S = TypeVar("S", bound=NodeSettings)
+
+
+def parse_value(text: str) -> Any:
+    """A CLI value: JSON (numbers, true/false, lists, objects), else a TOML literal, else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["--a.b", "1", "--c.d=x"]` -> `{"a": {"b": 1}, "c": {"d": "x"}}`; a flag with no value means true."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"override {arg!r}: expected --section.field VALUE or --section.field=VALUE")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "true"
+        i += 1
+        node = out
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{key}: {part!r} is set both as a value and as a section")
+        node[parts[-1]] = parse_value(value)
+    return out
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in top.items():
+        merged[k] = deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def read_toml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path}: not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from exc
+
+
+def load_settings(cls: type[S], config: str | Path | None = None, overrides: list[str] | None = None) -> S:
+    """Build `cls` from defaults, the TOML file, SLIPSTREAM_* environment and CLI overrides (highest wins)."""
+    cli = parse_overrides(overrides or [])
+    unknown = sorted(set(cli) - set(cls.model_fields))
+    if unknown:
+        raise ConfigError(f"override section(s) {unknown}: not a section of {cls.__name__} {sorted(cls.model_fields)}")
+    toml = read_toml(config)
+    # Sections given both in TOML and on the CLI are merged here so a CLI override replaces one field, not a section.
+    merged_cli = {k: deep_merge(toml[k], v) if isinstance(toml.get(k), dict) else v for k, v in cli.items()}
+    token = _toml_data.set(toml)
+    try:
+        return cls(**merged_cli)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, config)) from exc
+    finally:
+        _toml_data.reset(token)
+
+
+def format_validation_error(exc: ValidationError, source: str | Path | None) -> str:
+    where = f" (from {source})" if source else ""
+    lines = [f"invalid settings{where}:"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
