@@ -13,13 +13,13 @@ import contextvars
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-_toml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_toml_data", default={})
+_toml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("_toml_data", default=None)
 
 
 class Section(BaseModel):
@@ -34,10 +34,10 @@ class ConfigError(ValueError):
 
 class _TomlSource(PydanticBaseSettingsSource):
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return _toml_data.get().get(field_name), field_name, False
+        return (_toml_data.get() or {}).get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in _toml_data.get().items() if k in self.settings_cls.model_fields}
+        return {k: v for k, v in (_toml_data.get() or {}).items() if k in self.settings_cls.model_fields}
 
 
 class NodeSettings(BaseSettings):
@@ -141,3 +141,20 @@ def format_validation_error(exc: ValidationError, source: str | Path | None) -> 
         field = ".".join(str(p) for p in err["loc"])
         lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
+
+
+class RunConfig(Section):
+    """What names a run and where its files go; shared by every node of the run."""
+
+    name: str = Field("slipstream", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="run name")
+    output_dir: str = Field("runs/slipstream", min_length=1, description="checkpoints, exports and logs go here")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="base random seed; each node and rank derives its own")
+
+
+class ModelConfig(Section):
+    """The policy model: any local Hugging Face causal-LM folder (config, safetensors, tokenizer)."""
+
+    path: str = Field("runs/demo/model", min_length=1, description="local HF checkpoint folder")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="parameter dtype for generation; the learner keeps float32 master weights"
+    )

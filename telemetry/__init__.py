@@ -1,0 +1,11 @@
+"""Telemetry of every node. Import from the modules; this file stays empty so that `import telemetry.metrics`
+(done by the bus on every import) does not pull in pydantic, structlog's renderers and the HTTP server.
+
+- `telemetry.metrics`: every Prometheus metric, on the isolated `REGISTRY`; `set_node_info`.
+- `telemetry.server`: `TelemetryServer`, serving /metrics and /healthz.
+- `telemetry.logs`: `configure_logging`, `set_policy_version`, `bind_context` (structlog).
+- `telemetry.config`: `TelemetryConfig`, the `[telemetry]` section of a node's settings.
+- `telemetry.node`: `start_node_telemetry`, the three above in one call.
+
+Imports nothing of Slipstream's own: every other package may import it.
+"""
