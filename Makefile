@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TOOLS := $(VENV)/.test-tools
 
 .PHONY: demo test lint bench clean
 
@@ -14,10 +15,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# promtool (Debian's prometheus package) and docker-compose validate deploy/ offline; the tests need them.
+$(TOOLS): $(STAMP)
+	command -v promtool >/dev/null && command -v docker-compose >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq prometheus docker-compose >/dev/null)
+	touch $(TOOLS)
+
 demo: $(STAMP)
 	$(BIN)/slipstream up --config configs/demo.toml
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
 

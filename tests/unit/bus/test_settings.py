@@ -26,7 +26,7 @@ class Node(NodeSettings):
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "c.toml"
-    path.write_text('[optim]\nlr = 0.01\nsteps = 5\n[other_node]\nanything = 1\n')
+    path.write_text("[optim]\nlr = 0.01\nsteps = 5\n[other_node]\nanything = 1\n")
     return path
 
 
