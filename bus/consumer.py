@@ -1,0 +1,161 @@
+"""Consumer layer: decoded, validated, deduplicated messages out of a transport's consumer group.
+
+    consumer = MessageConsumer(transport, config.stream("trajectories"), "learner", "learner-0",
+                               kinds=(Group, Trajectory), dedup=RedisDedup(transport, "slipstream:dedup:learner"))
+    for received in consumer.poll():
+        train_on(received.message)
+    consumer.ack(batch)          # after the step that used them: marks them processed, then acks
+
+Whatever cannot be used (undecodable bytes, invalid fields, an unexpected kind) goes to the dead stream with the
+codec's "field: rule" text as reason, and polling goes on. Duplicates (a redelivered or republished message whose
+id is already processed) are acked without being handed out. Every `claim_interval_s` a poll also takes over
+entries whose lease expired on a dead consumer; every `stats_interval_s` it trims acked entries and refreshes the
+length and pending gauges.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from bus.codec import Limits, decode, peek
+from bus.dedup import Dedup
+from bus.schema import KINDS, Message, MessageError
+from bus.transport.base import Delivery, Transport
+from telemetry.metrics import BUS_MESSAGES, BUS_PENDING, BUS_STREAM_LENGTH
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class Received:
+    """One decoded message handed to the application; `data` is its wire bytes (kept for nack and requeue)."""
+
+    entry_id: str
+    message: Message
+    deliveries: int
+    data: bytes
+
+    @property
+    def id(self) -> str | None:
+        """The message's idempotency id (None for weights and node events, which have none)."""
+        return getattr(self.message, "id", None)
+
+
+class MessageConsumer:
+    """One consumer of a consumer group on one stream. Not thread-safe: one consumer per polling thread."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        stream: str,
+        group: str,
+        consumer: str,
+        limits: Limits | None = None,
+        kinds: tuple[type, ...] | None = None,
+        dedup: Dedup | None = None,
+    ) -> None:
+        self.transport, self.stream, self.group, self.consumer = transport, stream, group, consumer
+        cfg = transport.config
+        self.limits, self.kinds, self.dedup = limits or cfg.limits(), kinds, dedup
+        self.lease_ms, self.claim_interval_s = cfg.lease_ms, cfg.claim_interval_s
+        self.stats_interval_s = cfg.stats_interval_s
+        # Message id -> entry id of the messages handed out and not yet acked, nacked or requeued: a re-read of
+        # the same entry is not handed out twice, and another entry with the same id is a duplicate.
+        self._in_flight: dict[str, str] = {}
+        self._next_claim = self._next_stats = time.monotonic()
+        transport.ensure_group(stream, group)
+
+    def poll(self, count: int | None = None, block_ms: int | None = None) -> list[Received]:
+        """Up to `count` (default `consume_batch`) usable messages, waiting up to `block_ms` (default `block_ms`)
+        for new ones; may return fewer, or none, when entries were dead-lettered or duplicates."""
+        cfg = self.transport.config
+        count = cfg.consume_batch if count is None else count
+        block_ms = cfg.block_ms if block_ms is None else block_ms
+        now = time.monotonic()
+        deliveries: list[Delivery] = []
+        if now >= self._next_claim:
+            self._next_claim = now + self.claim_interval_s
+            deliveries = self.transport.claim_stale(self.stream, self.group, self.consumer, self.lease_ms, count)
+        if len(deliveries) < count:
+            wait_ms = 0 if deliveries else block_ms  # do not sit on claimed entries waiting for more
+            more = self.transport.consume(self.stream, self.group, self.consumer, count - len(deliveries), wait_ms)
+            deliveries += more
+        if now >= self._next_stats:
+            self._next_stats = now + self.stats_interval_s
+            self.refresh_stats()
+        return self._admit(deliveries)
+
+    def ack(self, received: Received | Sequence[Received]) -> None:
+        """Processed: mark the ids in the dedup store first, then ack (a crash in between only means a
+        redelivery that dedup recognises)."""
+        items = [received] if isinstance(received, Received) else list(received)
+        ids = [r.id for r in items if r.id is not None]
+        if self.dedup is not None and ids:
+            self.dedup.mark(ids)
+        self.transport.ack(self.stream, self.group, [r.entry_id for r in items])
+        self._release(items)
+
+    def nack(self, received: Received, reason: str) -> None:
+        """Unusable after all (e.g. too stale to train on): move it to the dead stream with `reason`."""
+        delivery = Delivery(self.stream, received.entry_id, received.data, received.deliveries)
+        producer = getattr(received.message, "producer", None)
+        self.transport.dead_letter(self.stream, self.group, delivery, reason, producer)
+        self._release([received])
+
+    def requeue(self, received: Received) -> str:
+        """Give it back for any consumer of the group (e.g. this node is shutting down); returns the new entry id."""
+        delivery = Delivery(self.stream, received.entry_id, received.data, received.deliveries)
+        entry_id = self.transport.requeue(self.stream, self.group, delivery)
+        self._release([received])
+        return entry_id
+
+    def refresh_stats(self) -> None:
+        """Trim entries every group has acked, then publish the stream length and this group's pending count."""
+        BUS_STREAM_LENGTH.labels(self.stream).set(self.transport.trim(self.stream))
+        BUS_PENDING.labels(self.stream, self.group).set(self.transport.pending(self.stream, self.group))
+
+    def _release(self, items: Sequence[Received]) -> None:
+        for r in items:
+            if r.id is not None and self._in_flight.get(r.id) == r.entry_id:
+                del self._in_flight[r.id]
+
+    def _admit(self, deliveries: list[Delivery]) -> list[Received]:
+        """Decode, validate and dedup; dead-letter what is unusable and ack duplicates."""
+        decoded: list[tuple[Delivery, Message]] = []
+        for d in deliveries:
+            try:
+                message = decode(d.data, self.limits)
+            except MessageError as exc:
+                producer = str(peek(d.data).get("producer", ""))  # best effort: who to blame
+                self.transport.dead_letter(self.stream, self.group, d, str(exc), producer)
+                continue
+            if self.kinds is not None and not isinstance(message, self.kinds):
+                expected = sorted(KINDS[k] for k in self.kinds)
+                reason = f"kind: expected one of {expected} on {self.stream}, got {KINDS[type(message)]!r}"
+                self.transport.dead_letter(self.stream, self.group, d, reason, getattr(message, "producer", None))
+                continue
+            decoded.append((d, message))
+        ids = [getattr(m, "id", None) for _, m in decoded]
+        fresh = [i for i in ids if i is not None and i not in self._in_flight]
+        marked = dict(zip(fresh, self.dedup.seen(fresh), strict=True)) if self.dedup is not None and fresh else {}
+        out: list[Received] = []
+        duplicates: list[str] = []
+        for (d, message), mid in zip(decoded, ids, strict=True):
+            if mid is not None:
+                held = self._in_flight.get(mid)
+                if held == d.entry_id:
+                    continue  # re-read of an entry the application still holds
+                if held is not None or marked.get(mid):
+                    duplicates.append(d.entry_id)
+                    continue
+                self._in_flight[mid] = d.entry_id
+            out.append(Received(d.entry_id, message, d.deliveries, d.data))
+        if duplicates:
+            BUS_MESSAGES.labels(self.stream, "duplicate").inc(len(duplicates))
+            log.info("duplicates acked", stream=self.stream, count=len(duplicates))
+            self.transport.ack(self.stream, self.group, duplicates)
+        return out

@@ -1,0 +1,259 @@
+"""The transport contract: streams of opaque byte payloads, consumer groups, acks, leases and a dead stream.
+
+Transports move BYTES; decoding and validation live a floor above (`bus.consumer`). Semantics follow Redis Streams:
+
+- `publish` appends payloads to a stream and waits (backpressure) while the stream is full.
+- A consumer group delivers each entry to one consumer of the group; the entry stays *pending* until acked.
+- `consume` first re-reads the caller's own pending entries (after a restart or reconnect), then new ones.
+- `claim_stale` takes over entries whose lease expired (their consumer died); an entry delivered more than
+  `max_deliveries` times is moved to the dead stream instead (a poison message must not loop forever).
+- `dead_letter` copies an entry to the dead stream with a reason and acks it.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+import structlog
+from prometheus_client import Counter
+
+from bus.config import BusConfig
+from telemetry.metrics import BUS_BACKPRESSURE_WAIT, BUS_MESSAGES
+
+log = structlog.get_logger(__name__)
+
+
+class BusError(RuntimeError):
+    """Base of transport errors."""
+
+
+class BackpressureTimeout(BusError):
+    """A publish waited `backpressure_timeout_s` for a full stream to drain and gave up."""
+
+    def __init__(
+        self, stream: str, length: int, limit: int, waited_s: float, limit_name: str = "max_stream_length"
+    ) -> None:
+        super().__init__(
+            f"stream {stream!r} still holds {length} entries ({limit_name}={limit}) after waiting "
+            f"{waited_s:.1f}s: its consumers are not keeping up (or no consumer group reads it)"
+        )
+        self.stream, self.length, self.limit, self.waited_s = stream, length, limit, waited_s
+
+
+class BusUnavailable(BusError):
+    """The bus stayed unreachable for `reconnect_timeout_s`."""
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One entry handed to a consumer. `deliveries` counts how often it was delivered (1 = first time)."""
+
+    stream: str
+    entry_id: str
+    data: bytes
+    deliveries: int = 1
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """One entry of the dead stream: the rejected payload and why, where from, by whom, when (unix seconds)."""
+
+    entry_id: str
+    data: bytes
+    reason: str
+    stream: str
+    group: str
+    source_entry_id: str
+    producer: str
+    deliveries: int
+    time: float
+
+
+class Transport(ABC):
+    """A connection to the bus. Thread-safe: one instance may serve a producer thread and a consumer thread.
+
+    The public methods here count metrics, apply backpressure and screen poison entries once for every transport;
+    a transport implements the `_`-prefixed primitives.
+    """
+
+    name: str = "transport"
+
+    def __init__(self, config: BusConfig) -> None:
+        self.config = config
+        # Last observed length per stream: a publish only polls the server while this says "full".
+        self._lengths: dict[str, int] = {}
+        # BUS_MESSAGES children by (stream, event): labels() takes a lock and builds a key on every call.
+        self._counters: dict[tuple[str, str], Counter] = {}
+
+    def publish(self, stream: str, payloads: Sequence[bytes], *, retain: int | None = None) -> list[str]:
+        """Append `payloads` in one round trip and return their entry ids.
+
+        Without `retain`, first waits while the stream holds `max_stream_length` entries or more (trimming acked
+        entries while it waits), raising `BackpressureTimeout` after `backpressure_timeout_s`; a stream may
+        overshoot the limit by at most one batch per concurrent producer. With `retain`, never waits: the stream
+        is capped at about `retain` entries by dropping the oldest (broadcast streams such as control).
+        """
+        if not payloads:
+            return []
+        if retain is None and self._lengths.get(stream, 0) >= self.config.max_stream_length:
+            self._wait_for_room(stream)
+        ids, self._lengths[stream] = self._publish(stream, payloads, retain)
+        self._count(stream, "published", len(ids))
+        return ids
+
+    def consume(self, stream: str, group: str, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        """Up to `count` entries for `consumer`: its own pending ones first (once per (re)connection), then new
+        ones, waiting up to `block_ms` for new ones. Poison entries (delivered more than `max_deliveries` times)
+        are dead-lettered, not returned."""
+        return self._screen(stream, group, self._consume(stream, group, consumer, count, block_ms))
+
+    def claim_stale(self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
+        """Take over up to `count` entries pending on OTHER consumers for `min_idle_ms` or more (presumed dead).
+        Entries delivered more than `max_deliveries` times go to the dead stream instead."""
+        return self._screen(stream, group, self._claim_stale(stream, group, consumer, min_idle_ms, count))
+
+    def ack(self, stream: str, group: str, entry_ids: Sequence[str]) -> None:
+        """Mark entries processed (one round trip); acking an unknown or already acked id is a no-op."""
+        if entry_ids:
+            self._ack(stream, group, entry_ids)
+            self._count(stream, "acked", len(entry_ids))
+
+    def dead_letter(
+        self, stream: str, group: str, delivery: Delivery, reason: str, producer: str | None = None
+    ) -> None:
+        """Copy `delivery` to the dead stream with `reason` and ack it, atomically where the transport allows."""
+        self._dead_letter(stream, group, delivery, reason, producer or "")
+        self._count(stream, "dead_lettered", 1)
+        log.warning("dead-lettered", stream=stream, group=group, entry_id=delivery.entry_id, reason=reason)
+
+    @abstractmethod
+    def requeue(self, stream: str, group: str, delivery: Delivery) -> str:
+        """Give an entry back to any consumer of the group: re-append its payload (new entry id, returned) and
+        ack the old one, atomically where the transport allows. Never waits for backpressure (not new load)."""
+
+    @abstractmethod
+    def ensure_group(self, stream: str, group: str) -> None:
+        """Create the consumer group (and the stream) if missing; a new group starts at the stream's first entry."""
+
+    @abstractmethod
+    def read(self, stream: str, after: str, count: int, block_ms: int) -> list[Delivery]:
+        """Broadcast read without a group: up to `count` entries after entry id `after` ("0" = from the start),
+        waiting up to `block_ms`. Nothing is pending or acked."""
+
+    @abstractmethod
+    def length(self, stream: str) -> int:
+        """Entries in the stream (acked ones included until trimmed)."""
+
+    @abstractmethod
+    def pending(self, stream: str, group: str) -> int:
+        """Entries delivered to the group and not acked yet."""
+
+    @abstractmethod
+    def trim(self, stream: str) -> int:
+        """Drop the entries that every group of the stream has been delivered AND has acked, and return the length
+        afterwards. A stream without any group is left whole (nobody has read it yet)."""
+
+    @abstractmethod
+    def dead_letters(self, count: int = 100) -> list[DeadLetter]:
+        """The newest `count` dead letters, oldest first."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections and sockets; the transport cannot be used afterwards."""
+
+    @abstractmethod
+    def _publish(self, stream: str, payloads: Sequence[bytes], retain: int | None) -> tuple[list[str], int]:
+        """Append without waiting; return (entry ids, stream length afterwards)."""
+
+    @abstractmethod
+    def _consume(self, stream: str, group: str, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        """`consume` before poison screening."""
+
+    @abstractmethod
+    def _claim_stale(self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
+        """`claim_stale` before poison screening; each returned delivery counts this claim."""
+
+    @abstractmethod
+    def _ack(self, stream: str, group: str, entry_ids: Sequence[str]) -> None:
+        """`ack` without metrics."""
+
+    @abstractmethod
+    def _dead_letter(self, stream: str, group: str, delivery: Delivery, reason: str, producer: str) -> None:
+        """`dead_letter` without metrics and logs."""
+
+    def _screen(self, stream: str, group: str, deliveries: list[Delivery]) -> list[Delivery]:
+        """Dead-letter poison entries, count the rest as consumed (and redelivered), return the rest."""
+        limit = self.config.max_deliveries
+        redelivered, poison = 0, []
+        for d in deliveries:  # one cheap pass: almost every entry is a first delivery
+            if d.deliveries > 1:
+                redelivered += 1
+                if d.deliveries > limit:
+                    poison.append(d)
+        for d in poison:
+            self.dead_letter(stream, group, d, f"deliveries: {d.deliveries} > max_deliveries ({limit})")
+        kept = [d for d in deliveries if d.deliveries <= limit] if poison else deliveries
+        if kept:
+            self._count(stream, "consumed", len(kept))
+            if redelivered > len(poison):
+                self._count(stream, "redelivered", redelivered - len(poison))
+        return kept
+
+    def _count(self, stream: str, event: str, n: int) -> None:
+        """BUS_MESSAGES{stream, event} += n."""
+        counter = self._counters.get((stream, event))
+        if counter is None:
+            counter = self._counters[(stream, event)] = BUS_MESSAGES.labels(stream, event)
+        counter.inc(n)
+
+    def _wait_for_room(self, stream: str) -> None:
+        """Poll (trimming acked entries) with backoff until the stream is below `max_stream_length`."""
+        limit, timeout = self.config.max_stream_length, self.config.backpressure_timeout_s
+        # 5 ms first (a consumer usually frees room within a poll), at most 250 ms (resume soon after it does).
+        backoff = Backoff(0.005, 0.25)
+        try:
+            while (length := self.trim(stream)) >= limit:
+                self._lengths[stream] = length
+                if backoff.elapsed >= timeout:
+                    raise BackpressureTimeout(stream, length, limit, backoff.elapsed)
+                backoff.sleep(timeout)
+            self._lengths[stream] = length
+        finally:
+            BUS_BACKPRESSURE_WAIT.labels(stream).inc(backoff.elapsed)
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Backoff:
+    """Exponential backoff between `low` and `high` seconds: `next()` sleeps and doubles the wait.
+
+    Used for reconnection and for polling a full stream; `elapsed` says how long since the first wait began.
+    """
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low, self.high = low, high
+        self.delay = low
+        self.started = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def sleep(self, limit_s: float | None = None) -> float:
+        """Sleep the current delay (never past `limit_s` seconds since the start) and return how long it slept."""
+        delay = self.delay
+        if limit_s is not None:
+            delay = max(0.0, min(delay, limit_s - self.elapsed))
+        time.sleep(delay)
+        self.delay = min(self.delay * 2, self.high)
+        return delay
