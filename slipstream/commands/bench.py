@@ -14,7 +14,7 @@ import pkgutil
 def available() -> list[str]:
     import bench
 
-    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_") and "_" not in m.name)
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
