@@ -1,7 +1,9 @@
 """The `slipstream` command: parses first, imports heavy modules (torch, transformers) only in the chosen command.
 
 Each subcommand lives in `slipstream.commands.<module>` and exposes `add_arguments(parser)` and `run(args) -> int`.
-Those modules must stay import-light so that `slipstream --help` answers in well under a second.
+Those modules must stay import-light so that `slipstream --help` answers in well under a second. A module that sets
+`TAKES_OVERRIDES = True` receives every argument its parser does not know as `args.overrides` (the dotted
+`--section.field value` settings overrides); for the others an unknown argument is an error.
 """
 
 from __future__ import annotations
@@ -36,16 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # not built yet: the command is simply absent from this install
         p = sub.add_parser(name, help=help_text, description=help_text)
         command.add_arguments(p)
-        p.set_defaults(_run=command.run)
+        p.set_defaults(_run=command.run, _takes_overrides=getattr(command, "TAKES_OVERRIDES", False))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    if getattr(args, "_takes_overrides", False):
+        args.overrides = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args._run(args) or 0)
 
 
