@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 
 from learner_node.algorithms import gae, group_advantages, vtrace
 
-
-@pytest.fixture(autouse=True)
-def float64_by_default() -> Iterator[None]:
-    """References are float64; restored after each test so that other modules keep float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 def reference_group_advantages(rewards: list[float], group_size: int, scale: str, estimator: str) -> list[float]:

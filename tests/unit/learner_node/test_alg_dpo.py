@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,14 +10,7 @@ import torch
 
 from learner_node.algorithms import dpo_loss, online_dpo_pairs
 
-
-@pytest.fixture(autouse=True)
-def float64_by_default() -> Iterator[None]:
-    """References are float64; restored after each test so that other modules keep float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 def random_pairs(seed: int, pairs: int = 6) -> tuple[torch.Tensor, ...]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,14 +11,7 @@ import torch
 
 from learner_node.algorithms import aggregate_loss, group_advantages, policy_loss
 
-
-@pytest.fixture(autouse=True)
-def float64_by_default() -> Iterator[None]:
-    """References are float64; restored after each test so that other modules keep float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 def reference_policy_loss(
