@@ -77,7 +77,9 @@ def overrides_for(settings_cls: type[NodeSettings], overrides: list[str]) -> lis
 class Progress:
     """What the launcher knows of the run, from the learner's events."""
 
+    target_accuracy: float | None = None
     started: float = field(default_factory=time.monotonic)
+    reached_target_s: float | None = None  # elapsed seconds at the first eval at or above target_accuracy
     step: int = 0
     last: dict[str, Any] = field(default_factory=dict)
     eval_accuracy: float | None = None
@@ -103,6 +105,9 @@ class Progress:
             self.eval_accuracy = float(event["eval_accuracy"])
             if self.first_eval_accuracy is None:
                 self.first_eval_accuracy = self.eval_accuracy
+            target = self.target_accuracy
+            if target is not None and self.reached_target_s is None and self.eval_accuracy >= target:
+                self.reached_target_s = self.elapsed()
             return f"eval  step {event.get('step', self.step):>5}  eval_accuracy={self.eval_accuracy:.3f}"
         if name == "summary":
             self.summary = event
@@ -118,12 +123,14 @@ def _num(value: Any, digits: int = 3) -> str:
 class Cluster:
     """The child processes of one `slipstream up` and the embedded Redis they share."""
 
-    def __init__(self, settings: UpSettings, config_path: str, overrides: list[str], out: IO[str]) -> None:
+    def __init__(
+        self, settings: UpSettings, config_path: str, overrides: list[str], out: IO[str], progress: Progress
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.overrides = overrides
         self.out = out
-        self.progress = Progress()
+        self.progress = progress
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.log_dir = Path(settings.up.log_dir or Path(settings.run.output_dir) / "logs")
         self._redis: Any = None
@@ -243,8 +250,16 @@ class Cluster:
         )
 
 
-def run_cluster(settings: UpSettings, config_path: str, overrides: list[str], out: IO[str] = sys.stdout) -> int:
-    cluster = Cluster(settings, config_path, overrides, out)
+def run_cluster(
+    settings: UpSettings,
+    config_path: str,
+    overrides: list[str],
+    out: IO[str] = sys.stdout,
+    progress: Progress | None = None,
+) -> int:
+    """Start the cluster, wait for the learner to end, stop everything; returns the learner's exit code.
+    `progress` (optional) receives the learner's events, e.g. for a benchmark's time-to-accuracy."""
+    cluster = Cluster(settings, config_path, overrides, out, progress or Progress())
     previous = signal.signal(signal.SIGTERM, lambda *_: cluster._stopping.set())
     code = 1
     try:
