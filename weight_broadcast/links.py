@@ -1,0 +1,182 @@
+"""How the sender reaches each engine outside the process group: the per-engine hook of every update.
+
+The sender drives N engines whose receiving is triggered remotely. For each engine it holds an `EngineLink` and calls,
+each in its own thread and each with a deadline:
+
+1. `ready(group)`   roll call before a group is formed: is the engine there to join it?
+2. `join(spec)`     make the engine join the group (runs while the sender joins it too);
+3. `receive(w)`     make the engine receive update `w` (runs while the sender broadcasts the buckets) and return once
+                    the engine has loaded it; raise when it did not.
+
+Two links exist:
+
+- `StoreLink`: our `WeightReceiver`, which triggers itself from the announcements on the rendezvous store and answers
+  on the store (ready key, ack key). Nothing is sent to it.
+- `HttpLink`: an engine with SGLang's HTTP routes (SGLang itself, or `serve-engine`): `/init_weights_update_group`,
+  then per update `/pause_generation`, one `/update_weights_from_distributed` per bucket
+  (`load_format="flattened_bucket"`, the bucket's names/dtypes/shapes), `/continue_generation`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Protocol
+
+import httpx
+import structlog
+
+from bus.schema import Weights
+from weight_broadcast.rendezvous import Board, GroupSpec, JoinRequest
+
+log = structlog.get_logger(__name__)
+
+
+class LinkError(RuntimeError):
+    """An engine did not join or did not load an update; the message says which and why."""
+
+
+class EngineLink(Protocol):
+    """The sender's handle on one engine (see the module docstring for the call order)."""
+
+    name: str
+    n_ranks: int
+    # Removed engines with this set are probed again by the sender (they cannot ask to rejoin themselves).
+    rejoin_by_sender: bool
+
+    def ready(self, group: str, deadline: float) -> bool:
+        """Whether the engine answered the roll call of `group` before `deadline` (time.monotonic())."""
+        ...
+
+    def join(self, spec: GroupSpec, master_addr: str, master_port: int, deadline: float) -> None:
+        """Make the engine join `spec.group`; returns once it joined, raises `LinkError` otherwise."""
+        ...
+
+    def receive(self, weights: Weights, deadline: float) -> None:
+        """Make the engine receive `weights`; returns once it loaded them, raises `LinkError` otherwise."""
+        ...
+
+    def leave(self, group: str, deadline: float) -> None:
+        """Tell the engine that `group` is retired (best effort, never raises)."""
+        ...
+
+
+class StoreLink:
+    """A `WeightReceiver` that reads announcements from the store and acks there."""
+
+    rejoin_by_sender = False
+
+    def __init__(self, board: Board, request: JoinRequest) -> None:
+        self.board = board
+        self.name = request.name
+        self.n_ranks = request.n_ranks
+        self.incarnation = request.incarnation
+
+    def ready(self, group: str, deadline: float) -> bool:
+        return self.board.wait_ready(group, self.name, deadline)
+
+    def join(self, spec: GroupSpec, master_addr: str, master_port: int, deadline: float) -> None:
+        """Nothing to send: the receiver reads the spec from the store after its roll call and joins."""
+
+    def receive(self, weights: Weights, deadline: float) -> None:
+        error = self.board.wait_ack(weights.group, weights.version, self.name, deadline)
+        if error is None:
+            raise LinkError(f"engine {self.name}: no ack for version {weights.version} within the timeout")
+        if error:
+            raise LinkError(f"engine {self.name}: {error}")
+
+    def leave(self, group: str, deadline: float) -> None:
+        """Nothing to send: the receiver closes its old group when it joins the next one."""
+
+
+class HttpLink:
+    """An engine with SGLang's weight-update HTTP routes at `url` (e.g. "http://host:30000").
+
+    pause_mode: SGLang's `/pause_generation` mode during an update: "retract" keeps the requests in flight (they are
+    recomputed with the new weights), "abort" drops them, "in_place" keeps them with their old KV cache.
+    """
+
+    rejoin_by_sender = True
+
+    def __init__(self, name: str, url: str, n_ranks: int = 1, pause_mode: str = "retract") -> None:
+        if n_ranks < 1:
+            raise ValueError(f"n_ranks: must be >= 1, got {n_ranks}")
+        if pause_mode not in ("retract", "abort", "in_place"):
+            raise ValueError(f"pause_mode: must be retract, abort or in_place, got {pause_mode!r}")
+        self.name = name
+        self.url = url.rstrip("/")
+        self.n_ranks = n_ranks
+        self.pause_mode = pause_mode
+        self._http = httpx.Client()
+
+    def ready(self, group: str, deadline: float) -> bool:
+        try:
+            return self._http.get(f"{self.url}/health", timeout=_remaining(deadline)).is_success
+        except httpx.HTTPError:
+            return False
+
+    def join(self, spec: GroupSpec, master_addr: str, master_port: int, deadline: float) -> None:
+        member = spec.member(self.name)
+        if member is None:
+            raise LinkError(f"engine {self.name}: not a member of group {spec.group}")
+        self._post(
+            "init_weights_update_group",
+            {
+                "master_address": master_addr,
+                "master_port": master_port,
+                "rank_offset": member.rank_offset,
+                "world_size": spec.world_size,
+                "group_name": spec.group,
+                "backend": spec.backend,
+            },
+            deadline,
+        )
+
+    def receive(self, weights: Weights, deadline: float) -> None:
+        self._post("pause_generation", {"mode": self.pause_mode}, deadline)
+        try:
+            self._send_buckets(weights, deadline)
+        except LinkError:
+            with contextlib.suppress(LinkError):  # resume generation if the engine still answers; report the cause
+                self._post("continue_generation", {}, deadline)
+            raise
+        self._post("continue_generation", {}, deadline)
+
+    def _send_buckets(self, weights: Weights, deadline: float) -> None:
+        """One /update_weights_from_distributed per bucket, in send order (each returns once that bucket loaded)."""
+        for b, bucket in enumerate(weights.buckets):
+            specs = [weights.tensors[i] for i in bucket]
+            self._post(
+                "update_weights_from_distributed",
+                {
+                    "names": [s.name for s in specs],
+                    "dtypes": [s.dtype for s in specs],
+                    "shapes": [list(s.shape) for s in specs],
+                    "group_name": weights.group,
+                    "flush_cache": b == len(weights.buckets) - 1,  # once, after the last bucket
+                    "weight_version": str(weights.version),
+                    "load_format": "flattened_bucket",
+                },
+                deadline,
+            )
+
+    def leave(self, group: str, deadline: float) -> None:
+        """Ask the engine to drop `group` (best effort: a dead engine has nothing to drop)."""
+        try:
+            self._post("destroy_weights_update_group", {"group_name": group}, deadline)
+        except LinkError as exc:
+            log.info("engine did not leave its group", engine=self.name, group=group, error=str(exc))
+
+    def _post(self, route: str, body: dict[str, Any], deadline: float) -> None:
+        try:
+            response = self._http.post(f"{self.url}/{route}", json=body, timeout=_remaining(deadline))
+        except httpx.HTTPError as exc:
+            raise LinkError(f"engine {self.name}: POST /{route} failed: {exc!r}") from exc
+        reply = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+        if not response.is_success or (isinstance(reply, dict) and reply.get("success") is False):
+            message = reply.get("message") if isinstance(reply, dict) else None
+            raise LinkError(f"engine {self.name}: POST /{route} -> {response.status_code}: {message or response.text}")
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.001, deadline - time.monotonic())
