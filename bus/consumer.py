@@ -76,14 +76,18 @@ class MessageConsumer:
         count = cfg.consume_batch if count is None else count
         block_ms = cfg.block_ms if block_ms is None else block_ms
         now = time.monotonic()
-        deliveries: list[Delivery] = []
-        if now >= self._next_claim:
+        claim_due = now >= self._next_claim
+        # Read before claiming: a consumer's first read re-reads its own pending entries, and re-reading entries it
+        # had just claimed would count their deliveries twice (and could call them poison too early).
+        wait_ms = 0 if claim_due else block_ms  # claimed entries are not left waiting for new ones
+        deliveries = self.transport.consume(self.stream, self.group, self.consumer, count, wait_ms)
+        if claim_due:
             self._next_claim = now + self.claim_interval_s
-            deliveries = self.transport.claim_stale(self.stream, self.group, self.consumer, self.lease_ms, count)
-        if len(deliveries) < count:
-            wait_ms = 0 if deliveries else block_ms  # do not sit on claimed entries waiting for more
-            more = self.transport.consume(self.stream, self.group, self.consumer, count - len(deliveries), wait_ms)
-            deliveries += more
+            if len(deliveries) < count:
+                stale = self.transport.claim_stale(
+                    self.stream, self.group, self.consumer, self.lease_ms, count - len(deliveries)
+                )
+                deliveries += stale
         if now >= self._next_stats:
             self._next_stats = now + self.stats_interval_s
             self.refresh_stats()

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "run a benchmark from bench/ and print ratios against raw baselines"),
     "status": ("status", "print the cluster at a glance from Redis"),
     "keys": ("keys", "generate ZeroMQ CURVE key pairs"),
+    "acl": ("acl", "render the Redis ACL file (one user per role) and make its password files"),
     "demo-model": ("demo_model", "write the tiny HF-format demo model and tokenizer to a folder"),
 }
 

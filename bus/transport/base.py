@@ -48,6 +48,10 @@ class BusUnavailable(BusError):
     """The bus stayed unreachable for `reconnect_timeout_s`."""
 
 
+class BusPermissionDenied(BusError):
+    """The bus user may not run this command on this key (Redis ACL NOPERM); see docs/security.md."""
+
+
 @dataclass(slots=True)
 class Delivery:
     """One entry handed to a consumer. `deliveries` counts how often it was delivered (1 = first time)."""

@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from bus.config import BusConfig
-from bus.transport.base import Backoff, BusError, BusUnavailable, DeadLetter, Delivery, Transport
+from bus.transport.base import Backoff, BusError, BusPermissionDenied, BusUnavailable, DeadLetter, Delivery, Transport
 from telemetry.metrics import BUS_RECONNECTS
 
 log = structlog.get_logger(__name__)
@@ -94,6 +94,7 @@ class RedisTransport(Transport):
         )
         self._url = url
         self._trim_script = self.client.register_script(_TRIM_ACKED)
+        self._append_only: set[str] = set()  # streams this user may append to but not trim
         # Per (stream, group, consumer): where the re-read of the consumer's own pending entries has got to;
         # absent = start from "0", None = done. Cleared on reconnect so pending entries are re-read.
         self._history: dict[tuple[str, str, str], str | None] = {}
@@ -250,7 +251,14 @@ class RedisTransport(Transport):
         return self.retrying(op)
 
     def trim(self, stream: str) -> int:
-        return int(self.retrying(lambda: self._trim_script(keys=[stream])))
+        # An append-only user (an agent's producer credential) may not trim: it waits for the consumers to trim.
+        if stream not in self._append_only:
+            try:
+                return int(self.retrying(lambda: self._trim_script(keys=[stream])))
+            except BusPermissionDenied:
+                log.info("this Redis user may not trim the stream: waiting for its consumers to trim", stream=stream)
+                self._append_only.add(stream)
+        return self.length(stream)
 
     def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         entries = self.retrying(lambda: self.client.xrevrange(self.config.dead, count=count))
@@ -284,6 +292,11 @@ class RedisTransport(Transport):
                 return op()
             except redis.AuthenticationError as exc:
                 raise BusError(f"username/password: Redis at {self._url} refused them: {exc}") from exc
+            except redis.exceptions.NoPermissionError as exc:
+                user = self.config.username or "default"
+                raise BusPermissionDenied(
+                    f"username: Redis user {user!r} may not do this ({exc}); see docs/security.md"
+                ) from exc
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._wait_for_server(exc)
 

@@ -178,3 +178,16 @@ def test_memory_dedup_is_bounded() -> None:
     assert dedup.seen(["a", "b", "c"]) == [False, True, True]
     with pytest.raises(ValueError, match="max_size: must be >= 1"):
         MemoryDedup(max_size=0)
+
+
+def test_entries_claimed_in_a_first_poll_count_one_delivery(make: MakeTransport) -> None:
+    """A consumer's first read re-reads its own pending entries; entries it claims in the same poll must not be
+    re-read (that would count a second delivery and, with a low max_deliveries, call them poison)."""
+    producer, dead_consumer, heir = make(), make(max_deliveries=2), make(max_deliveries=2, lease_ms=10)
+    producer.publish(S, [encode(trajectory(token)) for token in (1, 2)])
+    taken = MessageConsumer(dead_consumer, S, G, "node-a")
+    assert len(taken.poll(block_ms=100)) == 2  # delivery 1, never acked: node-a "dies"
+    time.sleep(0.05)  # past the lease
+    claimed = MessageConsumer(heir, S, G, "node-b").poll(block_ms=100)
+    assert [r.deliveries for r in claimed] == [2, 2]
+    assert heir.dead_letters() == []
