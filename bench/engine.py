@@ -6,7 +6,8 @@ threads. Runs alternate (engine, generate, engine, ...) so that load on a shared
 `engine_ratio` is the median engine tokens/s over the median generate tokens/s (goal >= 1.0).
 
 Measurements are the functions in `MEASUREMENTS`: each takes the prepared `Setup` and returns the fields it adds to
-the report, so another one (e.g. the serve-engine HTTP overhead) is one function and one list entry.
+the report, so another one is one function and one list entry. `http_overhead_ratio` is the same engine's tokens/s
+through serve-engine's HTTP routes (SGLangEngine client, localhost) over its tokens/s called in-process.
 """
 
 from __future__ import annotations
@@ -69,17 +70,7 @@ def measure_engine_ratio(setup: Setup) -> dict[str, Any]:
             out = engine.model.generate(**encoded, generation_config=generation_config)
         return _exact_count([out.shape[1] - encoded["input_ids"].shape[1]] * out.shape[0])
 
-    def tokens_per_s(run: Callable[[int], int], seed: int) -> float:
-        started = time.perf_counter()
-        tokens = run(seed)
-        return tokens / (time.perf_counter() - started)
-
-    for run in (run_engine, run_generate):  # warm-up: first-call allocations and lazy inits are not measured
-        run(0)
-    engine_rates, generate_rates = [], []
-    for repeat in range(args.repeats):
-        engine_rates.append(tokens_per_s(run_engine, repeat))
-        generate_rates.append(tokens_per_s(run_generate, repeat))
+    engine_rates, generate_rates = _alternate_rates(run_engine, run_generate, args.repeats)
     engine_median, generate_median = statistics.median(engine_rates), statistics.median(generate_rates)
     return {
         "engine_ratio": round(engine_median / generate_median, 3),
@@ -95,6 +86,61 @@ def measure_engine_ratio(setup: Setup) -> dict[str, Any]:
     }
 
 
+def measure_http_overhead(setup: Setup) -> dict[str, Any]:
+    """The same TorchEngine over HTTP (SGLangEngine -> serve-engine's app on localhost, in this process) vs called
+    in-process, new tokens/s on the same batch: `http_overhead_ratio` = HTTP / in-process (goal: close to 1.0)."""
+    from bus.schema import Sampling
+    from rollout_node.engines.base import TorchEngineConfig
+    from rollout_node.engines.sglang import SGLangEngine
+    from rollout_node.engines.torch_engine import TorchEngine
+    from rollout_node.server import build_app, serve_in_thread
+    from rollout_node.server_config import SGLangConfig
+
+    args = setup.args
+    engine = TorchEngine.from_config(
+        TorchEngineConfig(model_path=str(setup.model_path), device=args.device, eos_token_ids=[])
+    )
+    prompt_ids = [engine.tokenizer.encode(p) for p in setup.prompts]
+    server = serve_in_thread(build_app(engine))
+    client = SGLangEngine(server.url, SGLangConfig(url=server.url, api_key_env=None))
+
+    def counted(target: Any) -> Callable[[int], int]:
+        def run(seed: int) -> int:
+            sampling = Sampling(temperature=args.temperature, max_new_tokens=args.new_tokens, seed=seed)
+            return _exact_count(len(s.response_ids) for group in target.generate(prompt_ids, sampling) for s in group)
+
+        return run
+
+    try:
+        http_rates, local_rates = _alternate_rates(counted(client), counted(engine), args.repeats)
+    finally:
+        client.close()
+        server.stop()
+    http_median, local_median = statistics.median(http_rates), statistics.median(local_rates)
+    return {
+        "http_overhead_ratio": round(http_median / local_median, 3),
+        "http_tokens_per_s": round(http_median, 1),
+        "inprocess_tokens_per_s": round(local_median, 1),
+        "http_overhead_ratio_per_repeat": [round(h / i, 3) for h, i in zip(http_rates, local_rates, strict=True)],
+    }
+
+
+def _alternate_rates(
+    first: Callable[[int], int], second: Callable[[int], int], repeats: int
+) -> tuple[list[float], list[float]]:
+    """Tokens/s of `first` and `second` (each `run(seed) -> tokens`), after one warm-up call each (first-call
+    allocations and lazy inits are not measured), in alternating runs so that load on a shared machine hits both."""
+    first(0)
+    second(0)
+    rates: tuple[list[float], list[float]] = ([], [])
+    for repeat in range(repeats):
+        for run, measured in zip((first, second), rates, strict=True):
+            started = time.perf_counter()
+            tokens = run(repeat)
+            measured.append(tokens / (time.perf_counter() - started))
+    return rates
+
+
 def _exact_count(lengths: Any) -> int:
     """Total tokens, checking every row produced exactly the number asked for (else the rates compare nothing)."""
     lengths = list(lengths)
@@ -103,7 +149,7 @@ def _exact_count(lengths: Any) -> int:
     return sum(lengths)
 
 
-MEASUREMENTS: list[Callable[[Setup], dict[str, Any]]] = [measure_engine_ratio]
+MEASUREMENTS: list[Callable[[Setup], dict[str, Any]]] = [measure_engine_ratio, measure_http_overhead]
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:

@@ -32,7 +32,7 @@ def require(condition: bool, why: str) -> None:
     pytest.skip(why)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def require_service() -> Require:
     """`require` for test modules (which cannot import conftest reliably): `require_service(ok, "why")`."""
     return require

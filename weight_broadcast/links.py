@@ -94,11 +94,14 @@ class HttpLink:
 
     pause_mode: SGLang's `/pause_generation` mode during an update: "retract" keeps the requests in flight (they are
     recomputed with the new weights), "abort" drops them, "in_place" keeps them with their old KV cache.
+    api_key: sent as `Authorization: Bearer <key>` (SGLang's `--api-key`, serve-engine's api key), if set.
     """
 
     rejoin_by_sender = True
 
-    def __init__(self, name: str, url: str, n_ranks: int = 1, pause_mode: str = "retract") -> None:
+    def __init__(
+        self, name: str, url: str, n_ranks: int = 1, pause_mode: str = "retract", api_key: str | None = None
+    ) -> None:
         if n_ranks < 1:
             raise ValueError(f"n_ranks: must be >= 1, got {n_ranks}")
         if pause_mode not in ("retract", "abort", "in_place"):
@@ -107,7 +110,7 @@ class HttpLink:
         self.url = url.rstrip("/")
         self.n_ranks = n_ranks
         self.pause_mode = pause_mode
-        self._http = httpx.Client()
+        self._http = httpx.Client(headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
 
     def ready(self, group: str, deadline: float) -> bool:
         try:
