@@ -8,13 +8,15 @@ msgpack arrays of numbers are accepted too, so that any language can produce. do
 Decoding any bytes yields a valid message or a `MessageError` naming the field and the rule, never another
 exception: msgpack runs with size limits derived from `Limits`, string map keys only and no ext types.
 Validation is shared by both directions (`validate`, `encode(validate=True)`, `decode`) and kept cheap: per array
-one or two numpy argmin/argmax calls, no per-token Python loops.
+one numpy argmin/argmax call, no per-token Python loops. A trajectory, the hot message, first gets a fast test that
+its fields are "plain" (the common valid form, see `_scalars_are_plain`); only what fails it goes rule by rule.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
@@ -46,6 +48,11 @@ from bus.schema import (
 _I32 = np.dtype("<i4")
 _F32 = np.dtype("<f4")
 _U8 = np.dtype("u1")
+_U32 = np.dtype("<u4")
+# float32 bits read as int32: 0xff7fffff (-3.4028235e38), the greatest pattern of a negative finite float.
+_NEGATIVE_FINITE_BITS = -0x00800001
+_INF = math.inf
+_frombuffer, _ndarray = np.frombuffer, np.ndarray  # module globals: one look-up less per use on hot paths
 # Which numpy dtype kinds may be converted to each wire dtype without changing meaning (range checked separately).
 _CONVERTIBLE_KINDS = {_I32: "iu", _F32: "fiu", _U8: "biu"}
 _SAMPLING_FIELDS = tuple(f.name for f in fields(Sampling))
@@ -63,6 +70,8 @@ class Limits:
     """Bounds a message must respect; decode also derives msgpack's own size limits from them.
 
     max_tokens bounds each token/logprob array; vocab_size, when set, bounds every token id (ids must be < it).
+    unpack_options and small_message_bytes are derived: msgpack's options, and the input size up to which msgpack's
+    own default limits are the tighter ones.
     """
 
     max_message_bytes: int = 16 * 1024 * 1024
@@ -72,6 +81,7 @@ class Limits:
     vocab_size: int | None = None
     # msgpack.unpackb options derived from the above, computed once: decode is a hot path.
     unpack_options: dict[str, Any] = field(init=False, repr=False, compare=False)
+    small_message_bytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("max_message_bytes", "max_tokens", "max_group_size", "max_meta_bytes", "vocab_size"):
@@ -92,6 +102,10 @@ class Limits:
             "max_map_len": min(largest, self.max_meta_bytes),  # every map entry takes at least 2 bytes
         }
         object.__setattr__(self, "unpack_options", options)  # frozen: the one write, at construction
+        # msgpack.unpackb limits every length to the input's (maps to half of it) when given no limit: for inputs up
+        # to this size those are at least as strict as `options`, which then need not be parsed on every call.
+        lengths = (options["max_str_len"], options["max_bin_len"], options["max_array_len"], 2 * options["max_map_len"])
+        object.__setattr__(self, "small_message_bytes", min(lengths))
 
 
 DEFAULT_LIMITS = Limits()
@@ -179,7 +193,8 @@ def _check_rewards(rewards: Any, field: str) -> None:
     for name, value in rewards.items():
         if type(name) is not str or not name:
             raise MessageError(field, f"names must be non-empty strings (got {_show(name)})")
-        _real(value, f"{field}.{name}")
+        if type(value) is not float or not -_INF < value < _INF:  # the common case builds no field path
+            _real(value, f"{field}.{name}")
 
 
 # ----------------------------------------------------------------------------------------------------- array checks
@@ -222,8 +237,33 @@ def _wire_array(value: Any, dtype: np.dtype, field: str) -> np.ndarray:
 def _bin(value: Any, dtype: np.dtype) -> bytes:
     """The wire bytes of an array field (little-endian `dtype`)."""
     if type(value) is np.ndarray and value.dtype is dtype:
-        return value.tobytes()
+        return value.tobytes()  # cheaper than handing msgpack a memoryview, which saves a 4 KB copy but costs more
     return np.asarray(value, dtype).tobytes()
+
+
+def _ids_in_range(ids: np.ndarray, vocab_size: int | None, wire_bytes: bytes | None = None) -> bool:
+    """Whether int32 token ids [N >= 1] are all >= 0 (and < vocab_size when set), with one numpy reduction.
+
+    wire_bytes: the little-endian bytes `ids` is a view of, if it is. The sign test then reads them directly:
+    numpy would copy a read-only array to reduce it, which costs more than the test.
+    """
+    if vocab_size is None:
+        if wire_bytes is not None:  # the last byte of each int32 holds the sign bit: all < 0x80 means all >= 0
+            return wire_bytes[3::4].isascii()
+        return ids.item(ids.argmin()) >= 0
+    as_unsigned = ids.view(_U32)  # negative int32 read as uint32 are >= 2**31, beyond any vocabulary
+    return as_unsigned.item(as_unsigned.argmax()) < vocab_size
+
+
+def _all_negative_finite(logprobs: np.ndarray) -> bool:
+    """Whether float32 logprobs [N >= 1] are all finite and < 0 (or -0.0), with ONE numpy reduction.
+
+    Read as int32, those float32 bit patterns are exactly the ones <= _NEGATIVE_FINITE_BITS (sign bit set, exponent
+    not all ones); NaN, -inf and every value >= +0.0 are greater. False does not mean invalid: 0.0 and positive
+    values up to LOGPROB_TOLERANCE are valid and are left to the exact check.
+    """
+    bits = logprobs.view(_I32)
+    return bits.item(bits.argmax()) <= _NEGATIVE_FINITE_BITS
 
 
 def _tokens(value: Any, field: str, limits: Limits) -> np.ndarray:
@@ -234,6 +274,8 @@ def _tokens(value: Any, field: str, limits: Limits) -> np.ndarray:
         raise MessageError(field, "must not be empty")
     if count > limits.max_tokens:
         raise MessageError(field, f"{count} tokens > max_tokens {limits.max_tokens}")
+    if _ids_in_range(ids, limits.vocab_size):
+        return ids
     lowest = ids.argmin()
     if ids[lowest] < 0:
         raise MessageError(field, f"token id {ids[lowest]} < 0 (at position {lowest})")
@@ -250,7 +292,9 @@ def _check_logprobs(value: Any, field: str, length: int, length_field: str) -> N
     logprobs = _array(value, _F32, field)
     if len(logprobs) != length:
         raise MessageError(length_field, f"length {length} != {field.rpartition('.')[2]} length {len(logprobs)}")
-    # argmax/argmin return the first NaN if there is one, so these two cheap calls catch nan, +-inf and > 0.
+    if _all_negative_finite(logprobs):
+        return
+    # argmax/argmin return the first NaN if there is one, so these two cheap calls catch nan, +-inf and > tolerance.
     if logprobs[logprobs.argmax()] <= LOGPROB_TOLERANCE and logprobs[logprobs.argmin()] > -math.inf:
         return
     finite = np.isfinite(logprobs)
@@ -333,7 +377,113 @@ def _check_sampling(sampling: Any, field: str, limits: Limits) -> None:
         _integer(sampling.seed, field + ".seed")
 
 
-def _check_trajectory(traj: Trajectory, limits: Limits, prefix: str, encoded_size: int | None) -> None:
+def _check_trajectory(
+    traj: Trajectory, limits: Limits, prefix: str, encoded_size: int | None, core_checked: bool = False
+) -> None:
+    """core_checked: the required fields are known valid (`_plain_trajectory_from_map` built it)."""
+    if not (core_checked or _trajectory_core_is_plain(traj, limits)):
+        _check_trajectory_rules(traj, limits, prefix, encoded_size)  # one rule after the other, naming the broken one
+        return
+    # The optional fields, in the order of _check_trajectory_rules (so the first broken rule is the one it names).
+    length = len(traj.response_ids)
+    if traj.loss_mask is not None:
+        _check_mask(traj.loss_mask, prefix + "loss_mask", length, prefix + "response_ids")
+    if traj.rewards or type(traj.rewards) is not dict:
+        _check_rewards(traj.rewards, prefix + "rewards")
+    if traj.version_ranges is not None:
+        _check_version_ranges(traj.version_ranges, prefix + "version_ranges", length)
+    if traj.meta or type(traj.meta) is not dict:
+        _check_meta(traj.meta, prefix + "meta", limits, encoded_size)
+
+
+# The fast path. A trajectory's required fields are "plain" when they certainly pass their rules in their most common
+# form: str names, float reward and created_at, int policy_version, int32/float32 1-D arrays whose ids are in range
+# and whose logprobs are all < 0. That is one boolean expression and three numpy reductions instead of a dozen
+# checks; whatever is not plain (an int reward, a 0.0 logprob, ids given as a list, ...) may still be valid and takes
+# the rule-by-rule path, which also names what is wrong.
+
+
+def _scalars_are_plain(
+    id_: Any, group_id: Any, producer: Any, finish_reason: Any, reward: Any, created_at: Any, version: Any
+) -> bool:
+    """Whether a trajectory's names and numbers certainly pass _name, _real and _integer."""
+    return (
+        type(id_) is str and 0 < len(id_) <= MAX_NAME_CHARS
+        and type(group_id) is str and 0 < len(group_id) <= MAX_NAME_CHARS
+        and type(producer) is str and 0 < len(producer) <= MAX_NAME_CHARS
+        and type(finish_reason) is str and 0 < len(finish_reason) <= MAX_NAME_CHARS
+        and type(reward) is float and -_INF < reward < _INF
+        and type(created_at) is float and 0.0 <= created_at < _INF
+        and type(version) is int and 0 <= version <= _INT64_MAX
+    )  # fmt: skip
+
+
+def _trajectory_core_is_plain(traj: Trajectory, limits: Limits) -> bool:
+    """Whether every field of `traj` but loss_mask, rewards, version_ranges and meta is plain (see above)."""
+    prompt, response, logprobs = traj.prompt_ids, traj.response_ids, traj.behavior_logprobs
+    max_tokens = limits.max_tokens
+    return (
+        _scalars_are_plain(
+            traj.id, traj.group_id, traj.producer, traj.finish_reason, traj.reward, traj.created_at,
+            traj.policy_version,
+        )
+        and type(prompt) is _ndarray and prompt.dtype is _I32 and prompt.ndim == 1
+        and type(response) is _ndarray and response.dtype is _I32 and response.ndim == 1
+        and type(logprobs) is _ndarray and logprobs.dtype is _F32 and logprobs.ndim == 1
+        and 0 < len(prompt) <= max_tokens and 0 < len(response) <= max_tokens and len(logprobs) == len(response)
+        and _ids_in_range(prompt, limits.vocab_size) and _ids_in_range(response, limits.vocab_size)
+        and _all_negative_finite(logprobs)
+    )  # fmt: skip
+
+
+def _plain_trajectory_from_map(wire: dict[str, Any], limits: Limits, prefix: str) -> Trajectory | None:
+    """The trajectory of a received map whose required fields are plain (see above), built zero-copy as
+    `_trajectory_from_map` builds it; None when they are not. The ids are checked on the received bins, the
+    optional fields are left to `_check_trajectory(..., core_checked=True)`.
+    """
+    try:
+        prompt, response, logprobs = wire["prompt_ids"], wire["response_ids"], wire["behavior_logprobs"]
+        id_, group_id, producer, finish_reason = wire["id"], wire["group_id"], wire["producer"], wire["finish_reason"]
+        reward, created_at, version = wire["reward"], wire["created_at"], wire["policy_version"]
+    except KeyError:
+        return None  # _trajectory_from_map names the missing field
+    max_bytes = 4 * limits.max_tokens
+    if not (
+        _scalars_are_plain(id_, group_id, producer, finish_reason, reward, created_at, version)
+        and type(prompt) is bytes and type(response) is bytes and type(logprobs) is bytes
+        and 0 < len(prompt) <= max_bytes and 0 < len(response) <= max_bytes and len(logprobs) == len(response)
+        and not (len(prompt) | len(response)) & 3
+    ):  # fmt: skip
+        return None
+    prompt_ids, response_ids = _frombuffer(prompt, _I32), _frombuffer(response, _I32)
+    behavior_logprobs = _frombuffer(logprobs, _F32)
+    if not (
+        _ids_in_range(prompt_ids, limits.vocab_size, prompt)
+        and _ids_in_range(response_ids, limits.vocab_size, response)
+        and _all_negative_finite(behavior_logprobs)
+    ):
+        return None
+    mask, rewards, meta = wire.get("loss_mask"), wire.get("rewards"), wire.get("meta")
+    ranges = wire.get("version_ranges")
+    return Trajectory(
+        id_,
+        group_id,
+        producer,
+        prompt_ids,
+        response_ids,
+        behavior_logprobs,
+        None if mask is None else _wire_array(mask, _U8, prefix + "loss_mask"),
+        reward,
+        {} if rewards is None else rewards,
+        version,
+        None if ranges is None else _version_ranges_from_wire(ranges),
+        finish_reason,
+        created_at,
+        {} if meta is None else meta,
+    )
+
+
+def _check_trajectory_rules(traj: Trajectory, limits: Limits, prefix: str, encoded_size: int | None) -> None:
     _name(traj.id, prefix + "id")
     _name(traj.group_id, prefix + "group_id")
     _name(traj.producer, prefix + "producer")
@@ -352,7 +502,10 @@ def _check_trajectory(traj: Trajectory, limits: Limits, prefix: str, encoded_siz
     _check_meta(traj.meta, prefix + "meta", limits, encoded_size)
 
 
-def _check_group(group: Group, limits: Limits, prefix: str, encoded_size: int | None) -> None:
+def _check_group(
+    group: Group, limits: Limits, prefix: str, encoded_size: int | None, cores_checked: Sequence[bool] = ()
+) -> None:
+    """cores_checked[i]: member i's required fields are known valid (see `_check_trajectory`)."""
     _name(group.id, prefix + "id")
     _name(group.producer, prefix + "producer")
     members = group.trajectories
@@ -365,7 +518,7 @@ def _check_group(group: Group, limits: Limits, prefix: str, encoded_size: int | 
         where = f"{prefix}trajectories[{i}]"
         if type(traj) is not Trajectory:
             raise MessageError(where, f"must be a Trajectory (got {_kind_of(traj)})")
-        _check_trajectory(traj, limits, where + ".", encoded_size)
+        _check_trajectory(traj, limits, where + ".", encoded_size, i < len(cores_checked) and cores_checked[i])
         if traj.group_id != group.id:
             raise MessageError(where + ".group_id", f"{_show(traj.group_id)} != group id {_show(group.id)}")
         if traj.id in seen_ids:
@@ -513,7 +666,7 @@ def _task_from_map(wire: dict[str, Any], prefix: str) -> Task:
 
 
 def _trajectory_to_map(traj: Trajectory) -> dict[str, Any]:
-    return {
+    wire = {
         "kind": "trajectory",
         "v": SCHEMA_VERSION,
         "id": traj.id,
@@ -522,22 +675,33 @@ def _trajectory_to_map(traj: Trajectory) -> dict[str, Any]:
         "prompt_ids": _bin(traj.prompt_ids, _I32),
         "response_ids": _bin(traj.response_ids, _I32),
         "behavior_logprobs": _bin(traj.behavior_logprobs, _F32),
-        "loss_mask": None if traj.loss_mask is None else _bin(traj.loss_mask, _U8),
         "reward": traj.reward,
-        "rewards": traj.rewards,
         "policy_version": traj.policy_version,
-        "version_ranges": traj.version_ranges,
         "finish_reason": traj.finish_reason,
         "created_at": traj.created_at,
-        "meta": traj.meta,
     }
+    # Optional fields go on the wire only when set (absent means the default): the most frequent message is shorter
+    # to pack and to unpack. An invalid value (validate=False) is written, so that decode names it.
+    if traj.loss_mask is not None:
+        wire["loss_mask"] = _bin(traj.loss_mask, _U8)
+    if traj.rewards or type(traj.rewards) is not dict:
+        wire["rewards"] = traj.rewards
+    if traj.version_ranges is not None:
+        wire["version_ranges"] = traj.version_ranges
+    if traj.meta or type(traj.meta) is not dict:
+        wire["meta"] = traj.meta
+    return wire
+
+
+def _version_ranges_from_wire(ranges: Any) -> Any:
+    """msgpack gives [start, end, version] lists; the schema holds tuples (anything else is left for the check)."""
+    if type(ranges) is list:
+        return [tuple(triple) if type(triple) is list else triple for triple in ranges]
+    return ranges
 
 
 def _trajectory_from_map(wire: dict[str, Any], prefix: str) -> Trajectory:
     mask = wire.get("loss_mask")
-    ranges = wire.get("version_ranges")
-    if type(ranges) is list:  # msgpack gives [start, end, version] lists; the schema holds tuples
-        ranges = [tuple(triple) if type(triple) is list else triple for triple in ranges]
     return Trajectory(
         wire["id"],
         wire["group_id"],
@@ -549,11 +713,21 @@ def _trajectory_from_map(wire: dict[str, Any], prefix: str) -> Trajectory:
         wire["reward"],
         _optional(wire, "rewards", {}),
         wire["policy_version"],
-        ranges,
+        _version_ranges_from_wire(wire.get("version_ranges")),
         wire["finish_reason"],
         wire["created_at"],
         _optional(wire, "meta", {}),
     )
+
+
+def _decode_trajectory(wire: dict[str, Any], limits: Limits, encoded_size: int) -> Trajectory:
+    traj = _plain_trajectory_from_map(wire, limits, "")
+    if traj is None:
+        traj = _trajectory_from_map(wire, "")
+        _check_trajectory(traj, limits, "", encoded_size)
+    else:
+        _check_trajectory(traj, limits, "", encoded_size, core_checked=True)
+    return traj
 
 
 def _group_to_map(group: Group) -> dict[str, Any]:
@@ -569,18 +743,22 @@ def _group_to_map(group: Group) -> dict[str, Any]:
     }
 
 
-def _group_from_map(wire: dict[str, Any], prefix: str) -> Group:
+def _decode_group(wire: dict[str, Any], limits: Limits, encoded_size: int) -> Group:
     members = wire["trajectories"]
     if type(members) is not list:
-        raise MessageError(prefix + "trajectories", f"must be an array of trajectories (got {_kind_of(members)})")
-    trajectories = [_member_from_map(member, f"{prefix}trajectories[{i}].") for i, member in enumerate(members)]
-    return Group(
+        raise MessageError("trajectories", f"must be an array of trajectories (got {_kind_of(members)})")
+    built = [_member_from_map(member, f"trajectories[{i}].", limits) for i, member in enumerate(members)]
+    trajectories = [traj for traj, _ in built]
+    group = Group(
         wire["id"], wire["producer"], trajectories, wire.get("task_id"), wire["created_at"], _optional(wire, "meta", {})
     )
+    _check_group(group, limits, "", encoded_size, [core_checked for _, core_checked in built])
+    return group
 
 
-def _member_from_map(member: Any, prefix: str) -> Trajectory:
-    """A group member: a trajectory map whose kind and v, optional here, must be right when present."""
+def _member_from_map(member: Any, prefix: str, limits: Limits) -> tuple[Trajectory, bool]:
+    """A group member (a trajectory map whose kind and v, optional here, must be right when present), and whether
+    its required fields were found valid on the way (see `_plain_trajectory_from_map`)."""
     member = _submap(member, prefix[:-1])
     kind = _optional(member, "kind", "trajectory")
     if kind != "trajectory":
@@ -589,7 +767,8 @@ def _member_from_map(member: Any, prefix: str) -> Trajectory:
     if type(version) is not int or version != SCHEMA_VERSION:
         raise MessageError(prefix + "v", f"unsupported schema version {_show(version)}")
     try:
-        return _trajectory_from_map(member, prefix)
+        traj = _plain_trajectory_from_map(member, limits, prefix)
+        return (traj, True) if traj is not None else (_trajectory_from_map(member, prefix), False)
     except KeyError as exc:
         raise _missing(exc, prefix) from None
 
@@ -681,21 +860,43 @@ def _node_event_from_map(cls: type[NodeEvent], wire: dict[str, Any], prefix: str
     return cls(wire["node_id"], wire["role"], wire["version"], wire["created_at"], _optional(wire, "meta", {}), *extra)
 
 
+def _decode_checked(
+    from_map: Callable[[dict[str, Any], str], Any],
+    check: Callable[[Any, Limits, str, int | None], None],
+    wire: dict[str, Any],
+    limits: Limits,
+    encoded_size: int,
+) -> Any:
+    """A top-level message of `wire`: built, then checked."""
+    msg = from_map(wire, "")
+    check(msg, limits, "", encoded_size)
+    return msg
+
+
 @dataclass(frozen=True, slots=True)
 class _Codec:
     to_map: Callable[[Any], dict[str, Any]]
-    from_map: Callable[[dict[str, Any], str], Any]
+    decode: Callable[[dict[str, Any], Limits, int], Any]  # (wire, limits, encoded size) -> valid message
     check: Callable[[Any, Limits, str, int | None], None]
 
 
+def _codec_from_map(
+    to_map: Callable[[Any], dict[str, Any]],
+    from_map: Callable[[dict[str, Any], str], Any],
+    check: Callable[[Any, Limits, str, int | None], None],
+) -> _Codec:
+    """The codec of a kind whose decoding is from_map, then check."""
+    return _Codec(to_map, partial(_decode_checked, from_map, check), check)
+
+
 _CODECS: dict[type, _Codec] = {
-    Task: _Codec(_task_to_map, _task_from_map, _check_task),
-    Trajectory: _Codec(_trajectory_to_map, _trajectory_from_map, _check_trajectory),
-    Group: _Codec(_group_to_map, _group_from_map, _check_group),
-    Preference: _Codec(_preference_to_map, _preference_from_map, _check_preference),
-    Weights: _Codec(_weights_to_map, _weights_from_map, _check_weights),
+    Task: _codec_from_map(_task_to_map, _task_from_map, _check_task),
+    Trajectory: _Codec(_trajectory_to_map, _decode_trajectory, _check_trajectory),
+    Group: _Codec(_group_to_map, _decode_group, _check_group),
+    Preference: _codec_from_map(_preference_to_map, _preference_from_map, _check_preference),
+    Weights: _codec_from_map(_weights_to_map, _weights_from_map, _check_weights),
     **{
-        cls: _Codec(_node_event_to_map, partial(_node_event_from_map, cls), _check_node_event)
+        cls: _codec_from_map(_node_event_to_map, partial(_node_event_from_map, cls), _check_node_event)
         for cls in (Join, Leave, Heartbeat)
     },
 }
@@ -716,6 +917,19 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"cannot serialize {type(value).__name__}")
 
 
+def _packer() -> msgpack.Packer:
+    """This thread's msgpack Packer: packb would build (and allocate a buffer for) a new one per message, and one
+    Packer must not serve two threads at once (the `default` hook can let another thread in mid-message)."""
+    try:
+        return _thread_state.packer
+    except AttributeError:
+        _thread_state.packer = msgpack.Packer(default=_plain)
+        return _thread_state.packer
+
+
+_thread_state = threading.local()
+
+
 def _codec_of(msg: Any) -> _Codec:
     codec = _CODECS.get(type(msg))
     if codec is None:
@@ -734,7 +948,7 @@ def encode(msg: Message, *, validate: bool = True, limits: Limits = DEFAULT_LIMI
     if validate:
         codec.check(msg, limits, "", None)
     try:
-        data = msgpack.packb(codec.to_map(msg), default=_plain)
+        data = _packer().pack(codec.to_map(msg))
     except Exception as exc:  # only reachable with validate=False: what a check would have named
         raise MessageError("data", f"cannot encode ({_error_text(exc)})") from exc
     if len(data) > limits.max_message_bytes:
@@ -756,7 +970,13 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     if size > limits.max_message_bytes:
         raise MessageError("data", f"{size} bytes > max_message_bytes {limits.max_message_bytes}")
     try:
-        wire = msgpack.unpackb(data, **limits.unpack_options)
+        if size <= limits.small_message_bytes:
+            try:  # msgpack's own limits (the input's length) are the tighter ones: skip parsing ours
+                wire = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext, max_ext_len=0)
+            except Exception:  # ... and on any failure, fail as the configured limits say (the same exception)
+                wire = msgpack.unpackb(data, **limits.unpack_options)
+        else:
+            wire = msgpack.unpackb(data, **limits.unpack_options)
     except MessageError:
         raise
     except msgpack.ExtraData:
@@ -777,8 +997,7 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     if type(version) is not int or version != SCHEMA_VERSION:
         raise MessageError("v", f"unsupported schema version {_show(version)} (this build reads {SCHEMA_VERSION})")
     try:
-        msg = codec.from_map(wire, "")
-        codec.check(msg, limits, "", size)
+        msg = codec.decode(wire, limits, size)
     except MessageError:
         raise
     except KeyError as exc:

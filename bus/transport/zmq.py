@@ -57,6 +57,7 @@ class ZmqTransport(Transport):
         self._ctx = zmq.Context()
         self._push: zmq.Socket | None = None
         self._pull: zmq.Socket | None = None
+        self._rcvtimeo_ms = -1  # the pull socket's receive timeout (ZeroMQ's default: wait forever)
         self._auth: ThreadAuthenticator | None = None
         # ZeroMQ sockets are not thread-safe: one lock per role.
         self._push_lock, self._pull_lock = threading.Lock(), threading.Lock()
@@ -112,9 +113,14 @@ class ZmqTransport(Transport):
         topic = stream.encode()
         with self._push_lock:
             sock = self._pusher()
+            # Two send() calls instead of send_multipart, which type-checks and loops in Python (~1 us a message).
+            # A message is queued whole or not at all: a full queue refuses its first frame, and a frame refused
+            # later rolls back the ones before it, so after a wait both frames go again.
+            send, more = sock.send, zmq.NOBLOCK | zmq.SNDMORE
             for payload in payloads:
                 try:
-                    sock.send_multipart((topic, payload), flags=zmq.NOBLOCK)
+                    send(topic, more)
+                    send(payload, zmq.NOBLOCK)
                 except zmq.Again:
                     self._wait_writable(sock, stream)
                     sock.send_multipart((topic, payload), flags=zmq.NOBLOCK)
@@ -146,30 +152,43 @@ class ZmqTransport(Transport):
 
     def _receive(self, stream: str, out: list[Delivery], count: int, block_ms: int) -> None:
         """Receive until `out` holds `count` messages of `stream` (others go to their streams' buffers), waiting
-        up to `block_ms` only while nothing has come yet."""
+        up to `block_ms` for the first message only."""
         sock = self._puller()
+        if block_ms != self._rcvtimeo_ms:  # a blocking recv() with a timeout: no poll(), no zmq.Again to raise
+            sock.setsockopt(zmq.RCVTIMEO, block_ms)
+            self._rcvtimeo_ms = block_ms
         topic = stream.encode()
-        # Locals: this loop runs once per message, and attribute look-ups are a measurable share of it.
-        recv, noblock, seq, append = sock.recv_multipart, zmq.NOBLOCK, self._seq, out.append
-        waited = False
+        # Locals: this loop runs once per message, and attribute look-ups are a measurable share of it. Frames
+        # (copy=False) say themselves whether more follow, cheaper than recv_multipart's getsockopt(RCVMORE) calls.
+        recv, noblock, seq, append = sock.recv, zmq.NOBLOCK, self._seq, out.append
+        flags = noblock if out else 0
         while len(out) < count:
             try:
-                frames = recv(noblock)
-            except zmq.Again:
-                # Poll only when the queue is empty: a busy consumer never pays for the extra call.
-                if out or waited or not sock.poll(block_ms):
-                    return
-                waited = True
-                continue
+                first = recv(flags, copy=False)
+            except zmq.Again:  # nothing more queued (or nothing came within block_ms)
+                return
+            flags = noblock
             entry_id = str(next(seq))  # a local sequence number; str() is half the cost of an f-string here
-            if len(frames) == 2 and frames[0] == topic:
-                append(Delivery(stream, entry_id, frames[1], 1))
-            elif len(frames) != 2:
-                reason = f"frames: expected 2 [stream, data], got {len(frames)}"
-                self.dead_letter(stream, "", Delivery(stream, entry_id, b"".join(frames), 1), reason)
+            # The frames of a message arrive together (ZeroMQ delivers all of them or none): no waiting below.
+            if not first.more:
+                self._reject_frames(sock, stream, entry_id, [first.bytes])
+                continue
+            data = recv(noblock, copy=False)
+            name = first.bytes
+            if data.more:
+                self._reject_frames(sock, stream, entry_id, [name, data.bytes])
+            elif name == topic:
+                append(Delivery(stream, entry_id, data.bytes, 1))
             else:
-                name = frames[0].decode(errors="replace")
-                self._buffers[name].append(Delivery(name, entry_id, frames[1], 1))
+                other = name.decode(errors="replace")
+                self._buffers[other].append(Delivery(other, entry_id, data.bytes, 1))
+
+    def _reject_frames(self, sock: zmq.Socket, stream: str, entry_id: str, frames: list[bytes]) -> None:
+        """Dead-letter a message that is not [stream, data]: `frames` so far, then the rest of its frames."""
+        while sock.getsockopt(zmq.RCVMORE):
+            frames.append(sock.recv(zmq.NOBLOCK))
+        reason = f"frames: expected 2 [stream, data], got {len(frames)}"
+        self.dead_letter(stream, "", Delivery(stream, entry_id, b"".join(frames), 1), reason)
 
     def _ack(self, stream: str, group: str, entry_ids: Sequence[str]) -> None:
         """Nothing to ack: ZeroMQ has no broker-side pending list."""

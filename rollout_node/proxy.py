@@ -1,0 +1,567 @@
+"""The agent proxy: OpenAI-compatible routes in front of the node's engine; an agent session becomes ONE trajectory.
+
+Routes (errors as OpenAI's `{"error": {"message", "type", "param", "code"}}`):
+
+    GET    /v1/models
+    POST   /v1/completions, /v1/chat/completions                        generate; nothing is recorded
+    POST   /v1/sessions/{id}/completions, /v1/sessions/{id}/chat/completions
+                                                                        generate and record into session {id}
+    POST   /v1/sessions/{id}/reward   {"reward": 1.0, "rewards": {...}, "group_id": "...", "meta": {...}}
+    DELETE /v1/sessions/{id}                                            drop the session (abandoned)
+
+Sessions are named by the path, so an agent points an OpenAI client at `<proxy>/v1/sessions/<id>` and needs nothing
+else. A session's calls must continue one token stream: each call's prompt must start with the previous prompt plus
+the previous response (an agent appends the assistant's reply and tool/user turns, as usual). The proxy generates
+from the session's own tokens followed by the new ones, so what the model saw is exactly what is trained on:
+tokens it generated have loss_mask 1 and their behaviour logprobs, the rest (tool results, user turns, template
+tokens between turns) loss_mask 0 and logprob 0. A prompt that does not extend the session is refused with 409.
+Returned text keeps a matched stop string (vLLM's include_stop_str_in_output), so the history stays aligned.
+
+The reward ends the session: its token stream is published as one `Trajectory` (group of one unless `group_id` is
+given). Repeating the reward call answers with the same trajectory id and publishes nothing. A session idle for
+`proxy_session_ttl_s` is dropped, counted as abandoned. While new weights are being loaded, generation routes
+answer 503 with Retry-After rather than mix versions; calls already running record the switch in version_ranges.
+When a token is configured, every POST and DELETE needs `Authorization: Bearer <token>` (401 otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import re
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import structlog
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bus.schema import MessageError, Sampling, Trajectory, new_id
+from rollout_node.config import NAME_PATTERN, RolloutConfig
+from rollout_node.engines.base import Engine, Sample
+from rollout_node.engines.torch_engine import version_ranges
+from rollout_node.node import error_reason
+from telemetry.metrics import ROLLOUT_ENGINE_ERRORS, ROLLOUT_PROXY_SESSIONS
+
+log = structlog.get_logger(__name__)
+
+Publish = Callable[[Sequence[Trajectory]], Any]
+START_TIMEOUT_S = 30.0  # the proxy's HTTP server must be listening within this long
+STOP_TIMEOUT_S = 10.0  # calls in flight get this long to finish when the proxy stops
+
+
+class ProxyError(Exception):
+    """An HTTP error answered in OpenAI's format; `param` names the request field at fault."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
+
+
+# --- requests --------------------------------------------------------------------------------------------------
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields that change nothing here (user, ...)
+
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # tool_calls, tool_call_id, name: handed to the chat template
+
+    role: str = Field(min_length=1, max_length=64)
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=0)  # only the sampled token's logprob is known
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=0)  # 0: the sampled token's logprob only
+    echo: Literal[False] = False
+
+
+class RewardRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reward: float = Field(allow_inf_nan=False)
+    rewards: dict[str, float] = Field(default_factory=dict)
+    group_id: str | None = Field(None, min_length=1, max_length=256)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- sessions --------------------------------------------------------------------------------------------------
+@dataclass
+class Session:
+    """One agent's token stream: prompt_ids [P] of the first call, then response_ids [T] with logprobs [T],
+    loss_mask [T] (1 = generated by the model) and versions [T] (policy version per token; others inherit)."""
+
+    id: str
+    prompt_ids: list[int] = field(default_factory=list)
+    response_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
+    busy: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+    def continuation(self, prompt_ids: list[int], prompt_text: str, tokenizer: Any) -> list[int]:
+        """What a call's prompt adds to the session's tokens (the whole prompt on the first call). The prompt must
+        extend the session, by tokens or else by text (the new text is then tokenized alone, so the session's tokens
+        stay exactly as generated). Raises ProxyError 409 when it does not."""
+        if not self.prompt_ids:
+            return list(prompt_ids)
+        tokens = self.tokens
+        if prompt_ids[: len(tokens)] == tokens:
+            return prompt_ids[len(tokens) :]
+        for skip_special in (False, True):  # chat templates write special tokens as text; plain prompts do not
+            seen = tokenizer.decode(tokens, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
+            if prompt_text.startswith(seen):
+                return list(tokenizer.encode(prompt_text[len(seen) :], add_special_tokens=False))
+        raise ProxyError(
+            409,
+            f"session {self.id}: the prompt does not continue the session's previous prompt and response; one session "
+            "is one token stream (start a new session for a new conversation)",
+            "messages",
+        )
+
+    def add(self, context: list[int], sample: Sample) -> None:
+        """Record one call: `context` (the first prompt, or tokens the model did not generate: loss_mask 0, logprob
+        0, the version of the token before) and the generated `sample` (loss_mask 1, its logprobs and versions)."""
+        if not self.prompt_ids:
+            self.prompt_ids = list(context)
+        else:
+            self.response_ids += context
+            self.logprobs += [0.0] * len(context)
+            self.loss_mask += [0] * len(context)
+            self.versions += [self.versions[-1]] * len(context)
+        self.response_ids += sample.response_ids
+        self.logprobs += sample.behavior_logprobs
+        self.loss_mask += [1] * len(sample.response_ids)
+        self.versions += [v for start, end, v in sample.version_ranges for _ in range(start, end)]
+
+    def trajectory(self, reward: RewardRequest, producer: str) -> Trajectory:
+        """The session as one trajectory (a group of one unless the agent named a group)."""
+        if not self.response_ids:
+            raise ProxyError(409, f"session {self.id}: no completion was generated in it", "session_id")
+        ranges = version_ranges(self.versions)
+        trajectory_id = new_id()
+        return Trajectory(
+            id=trajectory_id,
+            group_id=reward.group_id or trajectory_id,
+            producer=producer,
+            prompt_ids=np.asarray(self.prompt_ids, dtype=np.int32),
+            response_ids=np.asarray(self.response_ids, dtype=np.int32),
+            behavior_logprobs=np.asarray(self.logprobs, dtype=np.float32),
+            loss_mask=np.asarray(self.loss_mask, dtype=np.uint8),
+            reward=reward.reward,
+            rewards=reward.rewards,
+            policy_version=ranges[0][2],
+            version_ranges=ranges if len(ranges) > 1 else None,
+            finish_reason="stop",
+            meta={"session": self.id, **reward.meta},
+        )
+
+
+class SessionStore:
+    """Open sessions and recently published ones (session id -> trajectory id, for repeated reward calls). Used
+    from the event loop's thread only."""
+
+    def __init__(self, ttl_s: float, max_sessions: int) -> None:
+        self.ttl_s, self.max_sessions = ttl_s, max_sessions
+        self.open: dict[str, Session] = {}
+        self.published: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (trajectory id, monotonic time)
+
+    def get(self, session_id: str, create: bool) -> Session:
+        """The open session `session_id`, made on first use when `create`; ProxyError 404/409/429 otherwise."""
+        if session_id in self.published:
+            raise ProxyError(409, f"session {session_id}: already ended with its reward", "session_id")
+        session = self.open.get(session_id)
+        if session is None:
+            if not create:
+                raise ProxyError(404, f"session {session_id}: not open (never used, expired, or dropped)", "session_id")
+            if len(self.open) >= self.max_sessions:
+                raise ProxyError(429, f"{self.max_sessions} sessions are open (rollout.proxy_max_sessions)")
+            session = self.open[session_id] = Session(session_id)
+        session.last_used = time.monotonic()
+        return session
+
+    def finish(self, session_id: str, trajectory_id: str) -> None:
+        self.open.pop(session_id, None)
+        self.published[session_id] = (trajectory_id, time.monotonic())
+        while len(self.published) > self.max_sessions:
+            self.published.popitem(last=False)
+
+    def drop(self, session_id: str) -> bool:
+        if self.open.pop(session_id, None) is None:
+            return False
+        ROLLOUT_PROXY_SESSIONS.labels("abandoned").inc()
+        return True
+
+    def sweep(self) -> int:
+        """Drop sessions idle longer than the TTL (not while a call runs); returns how many were dropped."""
+        cutoff = time.monotonic() - self.ttl_s
+        idle = [s.id for s in self.open.values() if s.last_used < cutoff and not s.busy]
+        for session_id in idle:
+            self.drop(session_id)
+            log.info("agent session expired", session=session_id)
+        while self.published and next(iter(self.published.values()))[1] < cutoff:
+            self.published.popitem(last=False)
+        return len(idle)
+
+
+# --- the proxy -------------------------------------------------------------------------------------------------
+class AgentProxy:
+    """The proxy's FastAPI `app` and its HTTP server (uvicorn in a daemon thread: `start`, `stop`, `url`).
+
+    `publish` sends trajectories to the bus (the node's `Publisher.publish`); `updating()` says whether new weights
+    are being loaded; `producer` names the trajectories' producer."""
+
+    def __init__(
+        self,
+        config: RolloutConfig,
+        engine: Engine,
+        tokenizer: Any,
+        publish: Publish,
+        updating: Callable[[], bool],
+        producer: str,
+        model_name: str = "slipstream",
+    ) -> None:
+        self.config, self.engine, self.tokenizer = config, engine, tokenizer
+        self.publish, self.updating, self.producer = publish, updating, producer
+        self.model_name = config.proxy_model_name or model_name
+        self.token = config.proxy_token()
+        self.sessions = SessionStore(config.proxy_session_ttl_s, config.proxy_max_sessions)
+        self.created = int(time.time())
+        self.app = self._build_app()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- server --------------------------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "the proxy is not started"
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        wildcard = self.config.proxy_host in ("0.0.0.0", "::")
+        return f"http://{socket.gethostname() if wildcard else self.config.proxy_host}:{port}"
+
+    def start(self) -> AgentProxy:
+        """Serve on `proxy_host:proxy_port` (0: a free port, see `url`); returns once listening."""
+        assert self.config.proxy_port is not None, "rollout.proxy_port is not set"
+        config = uvicorn.Config(
+            self.app,
+            host=self.config.proxy_host,
+            port=self.config.proxy_port,
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="agent-proxy", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"agent proxy: could not serve on {self.config.proxy_host}:{self.config.proxy_port}")
+            time.sleep(0.01)
+        log.info("agent proxy serving", url=self.url, token_required=self.token is not None)
+        return self
+
+    def stop(self) -> None:
+        """Stop listening; calls in flight get STOP_TIMEOUT_S to finish; open sessions are abandoned."""
+        if self._server is None or self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(timeout=STOP_TIMEOUT_S)
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(timeout=STOP_TIMEOUT_S)
+        for session_id in list(self.sessions.open):
+            self.sessions.drop(session_id)
+
+    # --- routes --------------------------------------------------------------------------------------------------
+    def _build_app(self) -> FastAPI:
+        @contextlib.asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            sweeper = asyncio.create_task(self._sweep_forever())
+            yield
+            sweeper.cancel()
+
+        app = FastAPI(title="Slipstream agent proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
+        app.add_exception_handler(ProxyError, _error_response)  # type: ignore[arg-type]
+        app.get("/v1/models")(self.models)
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.post("/v1/sessions/{session_id}/completions")(self.completions)
+        app.post("/v1/sessions/{session_id}/chat/completions")(self.chat_completions)
+        app.post("/v1/sessions/{session_id}/reward")(self.reward)
+        app.delete("/v1/sessions/{session_id}")(self.drop_session)
+        return app
+
+    async def models(self) -> dict[str, Any]:
+        model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "slipstream"}
+        return {"object": "list", "data": [model]}
+
+    async def chat_completions(self, request: Request, session_id: str | None = None) -> dict[str, Any]:
+        body = await self._read(request, ChatRequest)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ProxyError(400, "this model has no chat template: use /v1/completions", "messages")
+        messages = [_template_message(m, i) for i, m in enumerate(body.messages)]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template's own checks (roles it does not know, ...)
+            raise ProxyError(400, f"messages: the chat template refused them: {exc}", "messages") from exc
+        prompt_ids = list(self.tokenizer.encode(text, add_special_tokens=False))  # the template wrote them
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        prompt, samples = await self._generate(body, prompt_ids, text, max_tokens, session_id)
+        choices = []
+        for i, sample in enumerate(samples):
+            logprobs = None
+            if body.logprobs:
+                tokens = self.tokenizer.convert_ids_to_tokens(sample.response_ids)
+                logprobs = {
+                    "content": [
+                        {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                        for t, lp in zip(tokens, sample.behavior_logprobs, strict=True)
+                    ]
+                }
+            message = {"role": "assistant", "content": sample.text}
+            choices.append(
+                {"index": i, "message": message, "logprobs": logprobs, "finish_reason": sample.finish_reason}
+            )
+        return self._reply("chat.completion", "chatcmpl-", choices, prompt, samples)
+
+    async def completions(self, request: Request, session_id: str | None = None) -> dict[str, Any]:
+        body = await self._read(request, CompletionRequest)
+        if isinstance(body.prompt, str):
+            text, prompt_ids = body.prompt, list(self.tokenizer.encode(body.prompt))
+        else:
+            text, prompt_ids = self.tokenizer.decode(body.prompt), list(body.prompt)
+        if not prompt_ids:
+            raise ProxyError(400, "prompt: must not be empty", "prompt")
+        prompt, samples = await self._generate(body, prompt_ids, text, body.max_tokens, session_id)
+        choices = []
+        for i, sample in enumerate(samples):
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = {
+                    "tokens": self.tokenizer.convert_ids_to_tokens(sample.response_ids),
+                    "token_logprobs": sample.behavior_logprobs,
+                    "top_logprobs": None,
+                    "text_offset": None,
+                }
+            choices.append(
+                {"index": i, "text": sample.text, "logprobs": logprobs, "finish_reason": sample.finish_reason}
+            )
+        return self._reply("text_completion", "cmpl-", choices, prompt, samples)
+
+    async def reward(self, request: Request, session_id: str) -> dict[str, Any]:
+        """End the session: publish its trajectory (once; a repeated call answers with the same id)."""
+        body = await self._read(request, RewardRequest)
+        if session_id in self.sessions.published:
+            trajectory_id = self.sessions.published[session_id][0]
+            return {"session_id": session_id, "trajectory_id": trajectory_id, "published": False}
+        session = self.sessions.get(session_id, create=False)
+        if session.busy:
+            raise ProxyError(409, f"session {session_id}: a completion of it is still running", "session_id")
+        trajectory = session.trajectory(body, self.producer)  # 409 when nothing was generated yet
+        session.busy = True
+        try:
+            await asyncio.to_thread(self.publish, [trajectory])
+        except MessageError as exc:  # e.g. longer than bus.max_tokens: the learner could not take it either
+            self.sessions.open.pop(session_id, None)
+            ROLLOUT_PROXY_SESSIONS.labels("rejected").inc()
+            raise ProxyError(400, f"session {session_id}: the trajectory is invalid: {exc}", exc.field) from exc
+        except Exception as exc:  # the bus: the session stays open, the agent may retry
+            ROLLOUT_PROXY_SESSIONS.labels("error").inc()
+            log.exception("publishing a session failed", session=session_id)
+            message = f"session {session_id}: publishing failed, retry: {exc}"
+            raise ProxyError(503, message, headers=self._retry_after()) from exc
+        finally:
+            session.busy = False
+        self.sessions.finish(session_id, trajectory.id)
+        ROLLOUT_PROXY_SESSIONS.labels("published").inc()
+        log.info("agent session published", session=session_id, trajectory_id=trajectory.id, tokens=len(session.tokens))
+        return {"session_id": session_id, "trajectory_id": trajectory.id, "published": True}
+
+    async def drop_session(self, request: Request, session_id: str) -> dict[str, Any]:
+        self._authorize(request)
+        if not self.sessions.drop(session_id):
+            raise ProxyError(404, f"session {session_id}: not open", "session_id")
+        return {"session_id": session_id, "dropped": True}
+
+    # --- helpers -------------------------------------------------------------------------------------------------
+    async def _generate(
+        self, body: _Request, prompt_ids: list[int], text: str, max_tokens: int | None, session_id: str | None
+    ) -> tuple[list[int], list[Sample]]:
+        """Check the request and generate, recording into the session if there is one; returns (the prompt
+        generated from, the samples)."""
+        if body.stream:
+            raise ProxyError(400, "stream: streaming is not supported", "stream")
+        if body.n > self.config.proxy_max_n:
+            raise ProxyError(400, f"n: must be <= {self.config.proxy_max_n} (rollout.proxy_max_n)", "n")
+        if max_tokens is not None and max_tokens > self.config.proxy_max_tokens:
+            limit = self.config.proxy_max_tokens
+            raise ProxyError(400, f"max_tokens: must be <= {limit} (rollout.proxy_max_tokens)", "max_tokens")
+        if self.updating():
+            raise ProxyError(503, "new weights are being loaded: retry shortly", headers=self._retry_after())
+        session, context = None, prompt_ids
+        if session_id is not None:
+            if body.n != 1:
+                raise ProxyError(400, "n: must be 1 inside a session (a session is one token stream)", "n")
+            session = self.sessions.get(_session_name(session_id), create=True)
+            if session.busy:
+                raise ProxyError(409, f"session {session_id}: another completion of it is running", "session_id")
+            context = session.continuation(prompt_ids, text, self.tokenizer)
+            prompt_ids = session.tokens + context if session.prompt_ids else context
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        sampling = Sampling(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            max_new_tokens=max_tokens or self._default_max_tokens(len(prompt_ids)),
+            stop=stop,
+            seed=body.seed,
+        )
+        if session is not None:
+            session.busy = True
+        try:
+            [samples] = await asyncio.to_thread(self.engine.generate, [prompt_ids], sampling, body.n)
+        except ValueError as exc:
+            raise ProxyError(400, str(exc)) from exc
+        except Exception as exc:
+            ROLLOUT_ENGINE_ERRORS.labels(error_reason(exc)).inc()
+            log.exception("proxy generation failed")
+            raise ProxyError(500, f"generation failed: {exc!r}") from exc
+        finally:
+            if session is not None:
+                session.busy = False
+                session.last_used = time.monotonic()
+        if any(s.finish_reason == "abort" or not s.response_ids for s in samples):
+            raise ProxyError(503, "generation was aborted (the node is stopping)", headers=self._retry_after())
+        if session is not None:
+            session.add(context, samples[0])
+        return prompt_ids, samples
+
+    def _default_max_tokens(self, prompt_tokens: int) -> int:
+        """proxy_max_tokens, or fewer when the model's context (the tokenizer's model_max_length) leaves less room."""
+        context = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(context, int) and context < 2**31:
+            if prompt_tokens >= context:
+                raise ProxyError(400, f"prompt: {prompt_tokens} tokens leave no room in the context of {context}")
+            return min(self.config.proxy_max_tokens, context - prompt_tokens)
+        return self.config.proxy_max_tokens
+
+    def _reply(
+        self, kind: str, prefix: str, choices: list[Any], prompt: list[int], samples: list[Sample]
+    ) -> dict[str, Any]:
+        """The OpenAI response body, plus `policy_version`: the version of the first sample's first token."""
+        completion_tokens = sum(len(s.response_ids) for s in samples)
+        return {
+            "id": prefix + new_id(),
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(prompt) + completion_tokens,
+            },
+            "policy_version": samples[0].policy_version,
+        }
+
+    async def _read(self, request: Request, model: type[BaseModel]) -> Any:
+        """Authorize, then read the body (at most proxy_max_request_bytes: 413) and validate it (400 naming the
+        field)."""
+        self._authorize(request)
+        limit = self.config.proxy_max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ProxyError(413, f"request body of {declared} bytes > {limit} (rollout.proxy_max_request_bytes)")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ProxyError(413, f"request body > {limit} bytes (rollout.proxy_max_request_bytes)")
+        try:
+            return model.model_validate(json.loads(body))
+        except json.JSONDecodeError as exc:
+            raise ProxyError(400, f"body: not JSON: {exc}") from exc
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "body"
+            raise ProxyError(400, f"{where}: {err['msg']} (got {err.get('input')!r:.80})", where) from exc
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            raise ProxyError(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+    def _retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.config.proxy_retry_after_s)}
+
+    async def _sweep_forever(self) -> None:
+        interval = min(self.config.proxy_session_ttl_s / 4, 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            self.sessions.sweep()
+
+
+def _session_name(session_id: str) -> str:
+    if len(session_id) > 128 or not re.fullmatch(NAME_PATTERN, session_id):
+        raise ProxyError(400, f"session_id: must match {NAME_PATTERN} and be at most 128 characters", "session_id")
+    return session_id
+
+
+def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
+    """A message as the chat template takes it: text parts joined; other content types are refused."""
+    out = message.model_dump(exclude_none=True)
+    if isinstance(message.content, list):
+        if any(part.type != "text" or part.text is None for part in message.content):
+            raise ProxyError(400, f"messages[{index}].content: only text parts are supported", "messages")
+        out["content"] = "".join(part.text or "" for part in message.content)
+    out.setdefault("content", "")
+    return out
+
+
+async def _error_response(_: Request, exc: ProxyError) -> JSONResponse:
+    kinds = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
+    kind = kinds.get(exc.status, "invalid_request_error" if exc.status < 500 else "server_error")
+    error = {"message": exc.message, "type": kind, "param": exc.param, "code": exc.status}
+    return JSONResponse({"error": error}, status_code=exc.status, headers=exc.headers)
