@@ -10,13 +10,11 @@ Torch-free and import-light: every node's settings class embeds `BusConfig` as i
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from bus.settings import Section
+from bus.settings import ENV_NAME_PATTERN, Section, read_secret
 
 if TYPE_CHECKING:
     from bus.codec import Limits
@@ -44,7 +42,7 @@ class BusConfig(Section):
         "SLIPSTREAM_BUS_PASSWORD",
         min_length=1,
         max_length=256,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        pattern=ENV_NAME_PATTERN,
         description="environment variable read for the Redis password when no password_file is set",
     )
     tls_ca_file: str | None = Field(None, max_length=4096, description="CA bundle to verify a rediss:// server")
@@ -173,9 +171,4 @@ class BusConfig(Section):
 
     def password(self) -> str | None:
         """The Redis password: first line of `password_file`, else `$password_env`, else None (never from argv)."""
-        if self.password_file is not None:
-            try:
-                return Path(self.password_file).read_text().splitlines()[0].strip() or None
-            except (OSError, IndexError) as exc:
-                raise ValueError(f"password_file: cannot read a password from {self.password_file}: {exc}") from exc
-        return os.environ.get(self.password_env) or None
+        return read_secret(self.password_file, self.password_env, "password_file", "password")

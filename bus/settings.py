@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -18,6 +19,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # a setting that names an environment variable
 
 _toml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("_toml_data", default=None)
 
@@ -30,6 +33,26 @@ class Section(BaseModel):
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the field and the rule."""
+
+
+def read_secret(file: str | None, env: str | None, field: str, what: str = "secret") -> str | None:
+    """A secret (password, token, API key): the first line of `file`, else the variable named `env`, else None.
+
+    Surrounding whitespace is ignored. Secrets never come from a config value or the command line, so that none
+    reaches `ps`, shell history or a config repository. `field` names the setting that named `file` and `what` the
+    secret, in the ConfigError raised for a file that cannot be read or holds nothing.
+    """
+    if file is None:
+        return (os.environ.get(env, "").strip() or None) if env else None
+    try:
+        lines = Path(file).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise ConfigError(f"{field}: cannot read a {what} from {file}: {reason}") from exc
+    secret = lines[0].strip() if lines else ""
+    if not secret:
+        raise ConfigError(f"{field}: {file} is empty (the {what} is its first line)")
+    return secret
 
 
 class _TomlSource(PydanticBaseSettingsSource):

@@ -22,22 +22,18 @@ Torch-free and import-light: `slipstream rollout --help` builds its options from
 
 from __future__ import annotations
 
-import os
 import socket
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from bus.config import BusConfig
-from bus.settings import ModelConfig, NodeSettings, Section
+from bus.settings import ENV_NAME_PATTERN, ModelConfig, NodeSettings, Section, read_secret
 from envs.config import TaskConfig
 from rollout_node.engines.base import TorchEngineConfig
-from rollout_node.server_config import SGLangConfig
+from rollout_node.server_config import HOST_PATTERN, NAME_PATTERN, SGLangConfig
 from telemetry.config import TelemetryConfig
 from weight_broadcast.config import ReceiverConfig
-
-NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"
 
 
 class RolloutConfig(Section):
@@ -125,7 +121,7 @@ class RolloutConfig(Section):
         "127.0.0.1",
         min_length=1,
         max_length=253,
-        pattern=r"^[A-Za-z0-9.:\-]+$",
+        pattern=HOST_PATTERN,
         description="address the proxy binds to (0.0.0.0 exposes it; set a token then)",
     )
     proxy_token_file: str | None = Field(
@@ -138,7 +134,7 @@ class RolloutConfig(Section):
         "SLIPSTREAM_PROXY_TOKEN",
         min_length=1,
         max_length=256,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        pattern=ENV_NAME_PATTERN,
         description="environment variable read for the proxy's bearer token when no proxy_token_file is set "
         "(neither set: no token required)",
     )
@@ -174,12 +170,7 @@ class RolloutConfig(Section):
 
     def proxy_token(self) -> str | None:
         """The proxy's bearer token: first line of `proxy_token_file`, else `$proxy_token_env`, else None."""
-        if self.proxy_token_file is not None:
-            try:
-                return Path(self.proxy_token_file).read_text().splitlines()[0].strip() or None
-            except (OSError, IndexError) as exc:
-                raise ValueError(f"proxy_token_file: cannot read a token from {self.proxy_token_file}: {exc}") from exc
-        return os.environ.get(self.proxy_token_env) or None
+        return read_secret(self.proxy_token_file, self.proxy_token_env, "proxy_token_file", "token")
 
 
 class RolloutSettings(NodeSettings):

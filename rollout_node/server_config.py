@@ -17,30 +17,32 @@ command line, so they do not end up in shell history, `ps` or a config repositor
 
 from __future__ import annotations
 
-import os
 import socket
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from bus.settings import ConfigError, NodeSettings, Section
+from bus.settings import ENV_NAME_PATTERN, NodeSettings, Section, read_secret
 from rollout_node.engines.base import TorchEngineConfig
 from telemetry.config import TelemetryConfig
 
 API_KEY_ENV = "SLIPSTREAM_ENGINE_API_KEY"
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"  # node ids, session ids: they appear in stream entries, logs and URLs
+HOST_PATTERN = r"^[A-Za-z0-9.:\-]+$"  # a host name or an IPv4/IPv6 address to bind
 
 
 class ApiKeySource(Section):
     """Where a bearer API key comes from: a file (first) or an environment variable; neither set means no key."""
 
     api_key_file: str | None = Field(
-        None, min_length=1, max_length=4096, description="file holding the API key (surrounding whitespace ignored)"
+        None,
+        min_length=1,
+        max_length=4096,
+        description="file whose first line is the API key (surrounding whitespace ignored)",
     )
     api_key_env: str | None = Field(
         API_KEY_ENV,
-        pattern=_ENV_NAME,
+        pattern=ENV_NAME_PATTERN,
         max_length=128,
         description="environment variable holding the API key, read when api_key_file is unset; unset or empty "
         "variable: no key",
@@ -48,16 +50,7 @@ class ApiKeySource(Section):
 
     def api_key(self) -> str | None:
         """The key, or None when none is configured. Raises ConfigError for a missing or empty key file."""
-        if self.api_key_file is not None:
-            try:
-                key = Path(self.api_key_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"api_key_file: cannot read {self.api_key_file}: {exc.strerror}") from exc
-            if not key:
-                raise ConfigError(f"api_key_file: {self.api_key_file} is empty")
-            return key
-        key = os.environ.get(self.api_key_env, "").strip() if self.api_key_env else ""
-        return key or None
+        return read_secret(self.api_key_file, self.api_key_env, "api_key_file", "key")
 
 
 class SGLangConfig(ApiKeySource):
@@ -76,7 +69,7 @@ class SGLangConfig(ApiKeySource):
         "127.0.0.1",
         min_length=1,
         max_length=253,
-        pattern=r"^[A-Za-z0-9.:\-]+$",
+        pattern=HOST_PATTERN,
         description="address a launched server binds to; 127.0.0.1 keeps it off the network",
     )
     port: int = Field(30000, ge=0, le=65535, description="port a launched server listens on; 0 picks a free one")
@@ -134,7 +127,7 @@ class ServeEngineConfig(ApiKeySource):
         "127.0.0.1",
         min_length=1,
         max_length=253,
-        pattern=r"^[A-Za-z0-9.:\-]+$",
+        pattern=HOST_PATTERN,
         description="bind address; 127.0.0.1 keeps it off the network, 0.0.0.0 exposes it (set an API key then)",
     )
     port: int = Field(30000, ge=0, le=65535, description="HTTP port; 0 picks a free one (printed on start)")
@@ -142,7 +135,7 @@ class ServeEngineConfig(ApiKeySource):
         None,
         min_length=1,
         max_length=128,
-        pattern=r"^[A-Za-z0-9_.:-]+$",
+        pattern=NAME_PATTERN,
         description="this server's id in logs and slipstream_node_info (None: engine-<hostname>)",
     )
     max_body_mb: float = Field(

@@ -58,6 +58,39 @@ class Sample:
     matched_stop: int | str | None = None  # the stop token id or stop string that ended it, if any
 
 
+def version_ranges(step_versions: Sequence[int]) -> list[VersionRange]:
+    """[3, 3, 4, 4, 4] -> [(0, 2, 3), (2, 5, 4)]: runs of equal versions as (start, end, version)."""
+    ranges: list[VersionRange] = []
+    for t, version in enumerate(step_versions):
+        if ranges and ranges[-1][2] == version:
+            ranges[-1] = (ranges[-1][0], t + 1, version)
+        else:
+            ranges.append((t, t + 1, version))
+    return ranges
+
+
+def token_versions(ranges: Sequence[VersionRange]) -> list[int]:
+    """[(0, 2, 3), (2, 5, 4)] -> [3, 3, 4, 4, 4]: the version of each token (the inverse of `version_ranges`)."""
+    return [version for start, end, version in ranges for _ in range(start, end)]
+
+
+def error_reason(exc: BaseException) -> str:
+    """A low-cardinality label for ROLLOUT_ENGINE_ERRORS: the engine's own `reason` (the SGLang client's timeout,
+    unreachable, http, protocol) or one read from the exception's type."""
+    if isinstance(exc, ValueError):
+        return "invalid"
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason.isidentifier() and len(reason) <= 32:
+        return reason
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return "oom"
+    if isinstance(exc, ConnectionError):
+        return "unreachable"
+    return "error"
+
+
 def check_request(prompts: Sequence[Sequence[int]], sampling: Sampling, n: int) -> None:
     """The rules every engine applies to a generate call; raises ValueError naming the field and the rule.
 

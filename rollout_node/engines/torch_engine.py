@@ -4,28 +4,25 @@ One `generate` call decodes all its prompts x n samples as one batch:
 
 - Prompts are left padded; the attention mask hides the pads and position ids count real tokens only, so a padded
   row computes exactly what it would alone. The prompt is prefilled once and its cache repeated n times.
-- Keys and values go into buffers sized for the whole call (`_PreallocatedLayer`) instead of being concatenated
-  every step; rows that finish (eos / stop id / stop string) are dropped from the batch and the cache, so finished
-  samples cost no more compute.
-- Weights are swapped only between decode steps (`_StepGate`): a step runs with all old or all new weights, and each
-  token records the version of the step that produced its logits.
+- Keys and values go into buffers sized for the whole call (`kv_cache.PreallocatedLayer`) instead of being
+  concatenated every step; rows that finish (eos / stop id / stop string) are dropped from the batch and the cache,
+  so finished samples cost no more compute.
+- Weights are swapped only between decode steps (`step_gate.StepGate`): a step runs with all old or all new weights,
+  and each token records the version of the step that produced its logits.
 
 Speed against `transformers`' own `generate` is measured by `bench/engine.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import structlog
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
-from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from bus.schema import Sampling
 from rollout_node.engines.base import (
@@ -33,10 +30,12 @@ from rollout_node.engines.base import (
     FinishReason,
     Sample,
     TorchEngineConfig,
-    VersionRange,
     WeightUpdate,
     check_request,
+    version_ranges,
 )
+from rollout_node.engines.kv_cache import preallocated_cache
+from rollout_node.engines.step_gate import StepGate
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +72,7 @@ class TorchEngine(Engine):
         # Live tensors by name, tied aliases included; an update copies into them in place.
         self._weights: dict[str, torch.Tensor] = model.state_dict(keep_vars=True)
         self._version = version
-        self._gate = _StepGate(self.config.pause_timeout_s)
+        self._gate = StepGate(self.config.pause_timeout_s)
 
     @classmethod
     def from_config(cls, config: TorchEngineConfig, version: int = 0) -> TorchEngine:
@@ -141,7 +140,7 @@ class TorchEngine(Engine):
             mask[i, : width - len(prompt)] = 0
         prompt_ids, mask = prompt_ids.to(self.device), mask.to(self.device)
         positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)  # (P, width): pads sit at 0, masked anyway
-        cache = _preallocated_cache(self.model, capacity)
+        cache = preallocated_cache(self.model, capacity)
         rows = len(prompts) * n
         out = _Outputs(rows, max_new, self._version, self.device)
         stop_ids = torch.tensor(sorted({*self.eos_token_ids, *sampling.stop_token_ids}), device=self.device)
@@ -357,17 +356,6 @@ class _Outputs:
         return [samples[i : i + n] for i in range(0, len(samples), n)]
 
 
-def version_ranges(step_versions: Sequence[int]) -> list[VersionRange]:
-    """[3, 3, 4, 4, 4] -> [(0, 2, 3), (2, 5, 4)]: runs of equal versions as (start, end, version)."""
-    ranges: list[VersionRange] = []
-    for t, version in enumerate(step_versions):
-        if ranges and ranges[-1][2] == version:
-            ranges[-1] = (ranges[-1][0], t + 1, version)
-        else:
-            ranges.append((t, t + 1, version))
-    return ranges
-
-
 class _StagedWeights(WeightUpdate):
     """Tensors copied aside (checked against the model) until `commit` swaps them in between decode steps."""
 
@@ -405,144 +393,3 @@ class _StagedWeights(WeightUpdate):
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"weight update to version {self.version}: already committed or discarded")
-
-
-class _StepGate:
-    """Admits decode steps (any number at once, from any threads) unless paused, aborted, or a weight swap is
-    waiting; a swap waits for the steps in progress to end and then runs alone (writer-preferring RW lock)."""
-
-    def __init__(self, pause_timeout_s: float) -> None:
-        self._cond = threading.Condition()
-        self._swap_lock = threading.Lock()  # one swap at a time
-        self._steps = 0  # decode steps in progress
-        self._swaps_waiting = 0
-        self._paused_until: float | None = None  # monotonic deadline of the current pause
-        self._pause_timeout_s = pause_timeout_s
-        self.abort_epoch = 0  # bumped by abort(); a call that started in an older epoch stops
-
-    def pause(self) -> None:
-        with self._cond:
-            self._paused_until = time.monotonic() + self._pause_timeout_s
-
-    def resume(self) -> None:
-        with self._cond:
-            self._paused_until = None
-            self._cond.notify_all()
-
-    def abort(self) -> None:
-        with self._cond:
-            self.abort_epoch += 1
-            self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def step(self, abort_epoch: int) -> Iterator[bool]:
-        """Hold the model for one step; yields False (holding nothing) if aborted since `abort_epoch`."""
-        with self._cond:
-            while True:
-                if self.abort_epoch != abort_epoch:
-                    admitted = False
-                    break
-                if self._paused_until is not None and time.monotonic() >= self._paused_until:
-                    log.warning("pause expired without resume; resuming", pause_timeout_s=self._pause_timeout_s)
-                    self._paused_until = None
-                if self._paused_until is None and not self._swaps_waiting:
-                    self._steps += 1
-                    admitted = True
-                    break
-                wake_at = self._paused_until or time.monotonic() + self._pause_timeout_s
-                self._cond.wait(timeout=max(0.0, wake_at - time.monotonic()))
-        try:
-            yield admitted
-        finally:
-            if admitted:
-                with self._cond:
-                    self._steps -= 1
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self, timeout_s: float) -> Iterator[None]:
-        """Hold the model alone: no step runs inside. Raises TimeoutError after `timeout_s` without it."""
-        deadline = time.monotonic() + timeout_s
-        if not self._swap_lock.acquire(timeout=timeout_s):
-            raise TimeoutError(f"weight swap: another swap held the engine for over {timeout_s}s")
-        try:
-            with self._cond:
-                self._swaps_waiting += 1
-                idle = self._cond.wait_for(lambda: self._steps == 0, timeout=max(0.0, deadline - time.monotonic()))
-                if not idle:
-                    self._swaps_waiting -= 1
-                    self._cond.notify_all()
-                    raise TimeoutError(f"weight swap: a decode step did not end within {timeout_s}s")
-            try:
-                yield
-            finally:
-                with self._cond:
-                    self._swaps_waiting -= 1
-                    self._cond.notify_all()
-        finally:
-            self._swap_lock.release()
-
-
-def _preallocated_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
-    """A DynamicCache whose plain full-attention layers write into buffers of `capacity` positions."""
-    cache = DynamicCache(config=model.config)
-    cache.layers = [_PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
-class _PreallocatedLayer(CacheLayerMixin):
-    """One attention layer's keys and values in buffers (rows, kv_heads, capacity, head_dim) allocated once per call;
-    `keys` / `values` are views of the first `length` positions. (A growing cache torch.cat's the whole cache every
-    step: about a third of a small model's decode time on CPU.)"""
-
-    is_sliding = False
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        rows, heads, _, dim = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self._key_buffer = key_states.new_empty((rows, heads, self.capacity, dim))
-        self._value_buffer = value_states.new_empty((rows, heads, self.capacity, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append key/value states (rows, kv_heads, S, head_dim); returns all cached (rows, kv_heads, length, dim)."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache: {end} positions exceed the capacity of {self.capacity}")
-        self._key_buffer[:, :, self.length : end] = key_states
-        self._value_buffer[:, :, self.length : end] = value_states
-        self.length = end
-        self._refresh_views()
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.capacity
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._key_buffer = self._key_buffer.repeat_interleave(repeats, dim=0)
-        self._value_buffer = self._value_buffer.repeat_interleave(repeats, dim=0)
-        self._refresh_views()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._key_buffer = self._key_buffer[indices]
-        self._value_buffer = self._value_buffer[indices]
-        self._refresh_views()
-
-    def _refresh_views(self) -> None:
-        self.keys = self._key_buffer[:, :, : self.length]
-        self.values = self._value_buffer[:, :, : self.length]

@@ -8,7 +8,8 @@ Torch and the engine load only once the node starts.
 from __future__ import annotations
 
 import argparse
-import sys
+
+from slipstream.commands import load_or_exit
 
 TAKES_OVERRIDES = True  # dotted --section.field overrides arrive as args.overrides
 
@@ -19,14 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bus.settings import ConfigError, load_settings
     from rollout_node.config import RolloutSettings
 
-    try:
-        settings = load_settings(RolloutSettings, args.config, list(getattr(args, "overrides", [])))
-    except ConfigError as exc:
-        print(f"slipstream rollout: {exc}", file=sys.stderr)
-        return 2
+    settings = load_or_exit(RolloutSettings, args, "rollout")
 
     from rollout_node.node import run_node
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import threading
+
+from slipstream.commands import exit_on_config_error, load_or_exit
 
 TAKES_OVERRIDES = True  # dotted --section.field overrides arrive as args.overrides
 
@@ -25,16 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bus.settings import ConfigError, load_settings
     from rollout_node.server_config import ServeEngineSettings
 
-    try:
-        settings = load_settings(ServeEngineSettings, args.config, list(getattr(args, "overrides", [])))
-        config = settings.serve_engine
+    settings = load_or_exit(ServeEngineSettings, args, "serve-engine")
+    config = settings.serve_engine
+    with exit_on_config_error("serve-engine"):
         api_key = config.api_key()
-    except ConfigError as exc:
-        print(f"slipstream serve-engine: {exc}", file=sys.stderr)
-        return 2
 
     import structlog
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from slipstream.commands import load_or_exit
+
 TAKES_OVERRIDES = True  # dotted --section.field overrides arrive as args.overrides
 
 NODE_EVENTS = ("join", "heartbeat", "leave")
@@ -119,15 +121,12 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from bus.config import BusConfig
-    from bus.settings import ConfigError, NodeSettings, load_settings
+    from bus.settings import NodeSettings
 
     class StatusSettings(NodeSettings):
         bus: BusConfig = BusConfig()
 
-    try:
-        settings = load_settings(StatusSettings, args.config, args.overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"slipstream status: {exc}") from None
+    settings = load_or_exit(StatusSettings, args, "status")
     if settings.bus.type != "redis" or not settings.bus.url:
         raise SystemExit("slipstream status: needs a Redis bus: set bus.url (e.g. --bus.url redis://127.0.0.1:6379)")
     status = collect(settings.bus, args.dead)

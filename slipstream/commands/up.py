@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from slipstream.commands import exit_on_config_error
+
 TAKES_OVERRIDES = True  # dotted --section.field overrides arrive as args.overrides
 
 
@@ -18,16 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bus.settings import ConfigError, load_settings
+    from bus.settings import load_settings
     from slipstream.launcher import UpSettings, run_cluster
 
     overrides = list(args.overrides)
     if args.mode:
         overrides += ["--learner.mode", args.mode]
-    try:
+    with exit_on_config_error("up"):  # a malformed override fails in overrides_for_up already
         settings = load_settings(UpSettings, args.config, overrides_for_up(overrides))
-    except ConfigError as exc:
-        raise SystemExit(f"slipstream up: {exc}") from None
     return run_cluster(settings, args.config, overrides)
 
 

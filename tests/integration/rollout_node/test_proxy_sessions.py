@@ -26,8 +26,9 @@ from bus.transport import Transport, setup_transport
 from rollout_node.config import RolloutConfig, RolloutSettings
 from rollout_node.engines.base import TorchEngineConfig
 from rollout_node.engines.torch_engine import TorchEngine
-from rollout_node.node import Publisher, RolloutNode
+from rollout_node.node import RolloutNode
 from rollout_node.proxy import AgentProxy
+from rollout_node.trajectories import Publisher
 from slipstream.demo_model import build_demo_model
 from telemetry.metrics import REGISTRY
 

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from bus.schema import Sampling
-from rollout_node.engines.base import Sample, TorchEngineConfig
-from rollout_node.engines.torch_engine import TorchEngine, version_ranges
+from rollout_node.engines.base import Sample, TorchEngineConfig, version_ranges
+from rollout_node.engines.torch_engine import TorchEngine
 from slipstream.demo_model import build_demo_model
 
 # Different lengths, so the batch is left padded.

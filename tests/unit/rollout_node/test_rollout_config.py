@@ -83,8 +83,8 @@ def test_proxy_token_comes_from_file_then_env(tmp_path: Path, monkeypatch: pytes
         missing.rollout.proxy_token()
 
 
-def test_command_reports_bad_settings_before_loading_anything(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["rollout", "--rollout.tasks_per_call", "0"]) == 2
-    assert "rollout.tasks_per_call" in capsys.readouterr().err
-    assert main(["rollout", "--nodes.x", "1"]) == 2
-    assert "nodes" in capsys.readouterr().err
+def test_command_reports_bad_settings_before_loading_anything() -> None:
+    with pytest.raises(SystemExit, match="rollout.tasks_per_call"):
+        main(["rollout", "--rollout.tasks_per_call", "0"])
+    with pytest.raises(SystemExit, match="nodes"):
+        main(["rollout", "--nodes.x", "1"])

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from bus.codec import MAX_NAME_CHARS, validate
-from rollout_node.engines.base import Sample
+from rollout_node.engines.base import Sample, error_reason
 from rollout_node.engines.sglang import SGLangError, SGLangRequestError
-from rollout_node.node import episode_versions, error_reason, trajectory_id
-from rollout_node.proxy import ProxyError, RewardRequest, Session, SessionStore
+from rollout_node.sessions import ProxyError, RewardRequest, Session, SessionStore
+from rollout_node.trajectories import episode_versions, trajectory_id
 from slipstream.demo_model import EOS_TOKEN, build_demo_tokenizer
 from telemetry.metrics import REGISTRY
 
