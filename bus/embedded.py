@@ -104,6 +104,7 @@ class EmbeddedRedis:
         binary = find_redis_server()
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="slipstream-redis-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         fixed_port = self.port is not None
         for attempt in range(1 if fixed_port else 5):
             if not fixed_port:
