@@ -1,0 +1,224 @@
+"""The learner's settings: the `[learner]` section and `LearnerSettings`, the sections a learner node reads.
+
+Torch-free and import-light (`slipstream learner --help` must stay instant). One TOML file holds every node's
+sections; the learner reads [run] [model] [bus] [task] [learner] [broadcast] [telemetry]:
+
+    [learner]
+    algorithm = "grpo"          # grpo | ppo | dpo
+    mode = "async"              # async | sync (admit one step's tasks, wait for them, train, broadcast, repeat)
+    groups_per_step = 8
+    num_generations = 8
+    max_staleness = 2
+    lr = 3e-3
+
+Field names follow TRL where TRL has one (num_generations, beta, epsilon, epsilon_high, scale_rewards,
+importance_sampling_level, max_grad_norm, warmup_steps); loss aggregation follows verl's `loss_agg_mode` names.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from bus.config import BusConfig
+from bus.settings import ModelConfig, NodeSettings, RunConfig, Section
+from envs.config import TaskConfig
+from telemetry.config import TelemetryConfig
+from weight_broadcast.config import BroadcastConfig
+
+Algorithm = Literal["grpo", "ppo", "dpo"]
+
+
+class LearnerConfig(Section):
+    """What the learner trains, how it paces the rollouts, and when it evaluates, checkpoints and stops."""
+
+    # --- the run ---------------------------------------------------------------------------------------------
+    algorithm: Algorithm = Field(
+        "grpo", description="grpo (group baselines), ppo (value head + GAE or V-trace) or dpo (preference pairs)"
+    )
+    mode: Literal["async", "sync"] = Field(
+        "async",
+        description="async: rollouts run ahead within max_staleness while the learner trains; sync: admit one "
+        "step's tasks at version v, wait for all of them, train, broadcast, repeat (for comparison)",
+    )
+    nproc_per_node: int = Field(
+        1, ge=1, le=64, description="learner ranks on this host; `slipstream learner` starts torchrun when > 1"
+    )
+    nnodes: int = Field(
+        1, ge=1, le=4096, description="learner hosts; > 1 starts torchrun with c10d rendezvous at rdzv_endpoint"
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        max_length=261,
+        pattern=r"^[A-Za-z0-9.\-]+:\d{1,5}$",
+        description="host:port of the torchrun rendezvous (learner host 0) when nnodes > 1",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda (NCCL, bf16 autocast) when a GPU is visible, else cpu (gloo, float32)"
+    )
+    num_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch intra-op threads (None: torch's default, one per core)"
+    )
+    max_steps: int = Field(1000, ge=1, le=10_000_000, description="optimizer steps before the run ends")
+    target_accuracy: float | None = Field(
+        None, ge=0.0, le=1.0, description="end the run at the first eval whose accuracy reaches this (None: never)"
+    )
+    data_timeout_s: float = Field(
+        600.0, gt=0, le=86_400, description="fail when no step could be taken for this long (rollouts gone?)"
+    )
+    collective_timeout_s: float = Field(
+        600.0, gt=0, le=86_400, description="a learner rank that does not join a collective within this long is dead"
+    )
+    poll_ms: int = Field(
+        100, ge=0, le=10_000, description="how long one poll of the trajectories stream waits between lockstep checks"
+    )
+
+    # --- batches and admission ---------------------------------------------------------------------------------
+    groups_per_step: int = Field(
+        8, ge=1, le=100_000, description="groups (prompts; DPO: pairs) per optimizer step, over all ranks"
+    )
+    num_generations: int = Field(8, ge=1, le=1024, description="samples per prompt task (the task's n)")
+    temperature: float = Field(
+        1.0, gt=0, le=10, description="sampling temperature of the tasks; the learner divides its logits by it too"
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="top-p of the tasks' sampling")
+    max_new_tokens: int = Field(64, ge=1, le=1_000_000, description="longest response of a task (and of eval)")
+    max_staleness: int = Field(
+        2,
+        ge=0,
+        le=1000,
+        description="policy versions a sample may lag the learner: admission paces tasks by it, and a sample "
+        "that still arrives staler is dropped (reason 'stale')",
+    )
+    group_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="single trajectories wait this long for the rest of their group_id before training as a "
+        "partial group (or being dropped as 'incomplete_group' below min_group_size)",
+    )
+    min_group_size: int = Field(
+        2, ge=1, le=1024, description="smallest group trained (GRPO/online DPO need >= 2 for a baseline or a pair)"
+    )
+    micro_batch_size: int = Field(
+        64, ge=1, le=100_000, description="sequences per forward/backward; gradients accumulate over micro-batches"
+    )
+
+    # --- optimizer ---------------------------------------------------------------------------------------------
+    lr: float = Field(1e-6, gt=0, le=1.0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW decoupled weight decay")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
+    adam_epsilon: float = Field(1e-8, gt=0, le=1e-2, description="AdamW epsilon")
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="clip the global gradient norm (None: off)")
+    lr_scheduler: Literal["constant", "cosine"] = Field(
+        "constant", description="after warmup: constant, or cosine decay to min_lr_ratio * lr at max_steps"
+    )
+    warmup_steps: int = Field(0, ge=0, le=10_000_000, description="linear warmup from 0 over this many steps")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
+    bf16: bool = Field(True, description="bf16 autocast of forward passes on GPU (CPU always runs float32)")
+
+    # --- policy loss (GRPO and PPO) ----------------------------------------------------------------------------
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="loss aggregation over the whole step's tokens (verl's loss_agg_mode)"
+    )
+    epsilon: float = Field(0.2, ge=0, le=1, description="lower clip of the ratio: 1 - epsilon")
+    epsilon_high: float | None = Field(None, ge=0, le=10, description="upper clip 1 + epsilon_high (None: epsilon)")
+    dual_clip: float | None = Field(None, gt=1, le=100, description="dual-clip bound c for negative advantages")
+    importance_correction: Literal["truncate", "mask", "none"] = Field(
+        "truncate", description="off-policy weight pi_prox/pi_behav: truncated (TIS), masked (MIS/IcePop) or raw"
+    )
+    importance_cap: float = Field(2.0, gt=0, le=1e6, description="upper bound of the importance weight")
+    importance_floor: float = Field(0.0, ge=0, le=1, description="lower bound of the importance weight (mask only)")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="ratios per token, or per sequence (GSPO: length-normalised)"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide group-centred rewards by the group's std, the batch's std, or nothing"
+    )
+    advantage_estimator: Literal["grpo", "rloo"] = Field(
+        "grpo", description="group baseline: the group mean (grpo) or the mean of the others (rloo)"
+    )
+    beta: float = Field(0.0, ge=0, le=100, description="KL coefficient to the frozen initial policy (0: no reference)")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator when beta > 0")
+    ppo_epochs: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="optimizer updates per batch; > 1 recomputes the proximal logprobs in a no-grad pass first",
+    )
+
+    # --- PPO critic --------------------------------------------------------------------------------------------
+    advantage: Literal["gae", "vtrace"] = Field("gae", description="PPO advantage estimator")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount per token (PPO)")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (PPO)")
+    rho_bar: float = Field(1.0, gt=0, le=100, description="V-trace truncation of rho")
+    c_bar: float = Field(1.0, gt=0, le=100, description="V-trace truncation of c")
+    value_coef: float = Field(0.5, ge=0, le=100, description="weight of the value loss (PPO)")
+    value_clip: float | None = Field(0.2, gt=0, le=100, description="PPO value clipping around the old values")
+
+    # --- DPO ---------------------------------------------------------------------------------------------------
+    dpo_source: Literal["online", "bus", "dataset"] = Field(
+        "online",
+        description="online: best-vs-worst pairs of scored groups; bus: `preference` messages on the trajectories "
+        "stream; dataset: the task's preference rows (prompt/chosen/rejected), read by the learner itself",
+    )
+    dpo_beta: float = Field(0.1, gt=0, le=100, description="DPO temperature beta")
+    dpo_loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss variant")
+    label_smoothing: float = Field(0.0, ge=0, le=0.5, description="conservative DPO label smoothing (sigmoid only)")
+
+    # --- broadcast, eval, checkpoints ----------------------------------------------------------------------------
+    broadcast_every: int = Field(1, ge=1, le=1_000_000, description="send the weights every this many steps")
+    eval_every: int = Field(10, ge=0, le=1_000_000, description="greedy eval every this many steps (0: only at end)")
+    eval_at_start: bool = Field(True, description="evaluate before the first step (the baseline accuracy)")
+    eval_threshold: float = Field(
+        1.0, ge=-1e6, le=1e6, description="an eval completion is correct when its total reward is >= this"
+    )
+    eval_batch_size: int = Field(64, ge=1, le=100_000, description="prompts per batched greedy generation, per rank")
+    eval_limit: int = Field(0, ge=0, le=10_000_000, description="evaluate on the first N held-out rows (0: all)")
+    checkpoint_every: int = Field(
+        0, ge=0, le=1_000_000, description="checkpoint every this many steps (0: only at the end)"
+    )
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="newest checkpoints kept on disk")
+    export_hf: bool = Field(True, description="write an HF folder (save_pretrained) to <output_dir>/hf at the end")
+    dedup_ttl_s: float = Field(
+        7 * 86_400.0, gt=0, le=365 * 86_400, description="trained ids are remembered this long (duplicate check)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LearnerConfig:
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"rdzv_endpoint: required when nnodes > 1 (got nnodes={self.nnodes})")
+        if self.num_generations < self.min_group_size and self.algorithm != "dpo":
+            raise ValueError(
+                f"num_generations ({self.num_generations}) must be >= min_group_size ({self.min_group_size})"
+            )
+        needs_pairs = self.algorithm == "grpo" or (self.algorithm == "dpo" and self.dpo_source == "online")
+        if needs_pairs and self.min_group_size < 2:
+            raise ValueError("min_group_size: must be >= 2 for grpo and online dpo (a baseline or a pair needs two)")
+        if self.importance_floor >= self.importance_cap:
+            raise ValueError(f"importance_floor ({self.importance_floor}) must be < importance_cap")
+        return self
+
+
+class LearnerSettings(NodeSettings):
+    """Every section a learner node reads (the TOML file may hold other nodes' sections too)."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    bus: BusConfig = BusConfig()
+    task: TaskConfig = TaskConfig()
+    learner: LearnerConfig = LearnerConfig()
+    broadcast: BroadcastConfig = BroadcastConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> LearnerSettings:
+        # A single trajectory buffered past the lease would be claimed by another rank: it would train twice.
+        if self.learner.group_timeout_s * 1000 >= self.bus.lease_ms:
+            raise ValueError(
+                f"learner.group_timeout_s ({self.learner.group_timeout_s}) must be shorter than bus.lease_ms "
+                f"({self.bus.lease_ms} ms): a buffered trajectory would be re-delivered to another rank"
+            )
+        return self

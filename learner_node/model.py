@@ -1,0 +1,163 @@
+"""The learner's torch side: process group, FSDP2-sharded policy (+ value head, + frozen reference), optimizer,
+learning-rate schedule, the forward pass that yields response logits, and full state dicts for broadcast/export.
+
+Every rank calls everything here (FSDP2's all-gathers and reduce-scatters pair up across ranks). NCCL on GPU,
+gloo on CPU; a single process (no torchrun) forms a world of one, so the code path is the same.
+
+PPO's critic is a value head on the policy's last (normed) hidden state, `Linear(hidden, 1)`, trained with the
+policy (shared trunk): no second model to shard, run or checkpoint, at the price of the value loss shaping the
+trunk too (`learner.value_coef` weighs it). It is sharded with FSDP2 as a module of its own, so its parameter
+names never mix with the policy's: the broadcast and the HF export carry the policy only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from learner_node.batching import Batch, response_logits
+from learner_node.config import LearnerConfig
+
+log = structlog.get_logger(__name__)
+
+# FSDP2 warns about every view its root returns (the hidden states for the value head); nothing here edits them.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this rank runs: rank and world size of the default group, device, and forward precision."""
+
+    rank: int
+    world: int
+    device: torch.device
+    autocast: torch.dtype | None  # bf16 on GPU when enabled; None = float32
+
+    def forward_context(self) -> torch.autocast:
+        """Autocast for forward passes (a no-op context when `autocast` is None)."""
+        enabled = self.autocast is not None
+        return torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=enabled)
+
+
+def init_distributed(cfg: LearnerConfig) -> Runtime:
+    """Join the default process group: from torchrun's environment when set, else as a world of one."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("learner.device: 'cuda' asked for, but no GPU is visible")
+    backend = "nccl" if use_cuda else "gloo"
+    timeout = timedelta(seconds=cfg.collective_timeout_s)
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Runtime(rank, world, device, torch.bfloat16 if use_cuda and cfg.bf16 else None)
+
+
+def shard(module: nn.Module, runtime: Runtime) -> nn.Module:
+    """FSDP2: each transformer block (the model's `_no_split_modules`) is one unit, the rest goes with the root.
+
+    With one rank there is nothing to free after a forward (the shard is the whole tensor), so the blocks stay
+    unsharded between forward and backward instead of being gathered twice."""
+    block_names = set(getattr(module, "_no_split_modules", None) or ())
+    reshard = runtime.world > 1
+    for child in list(module.modules()):
+        if child is not module and type(child).__name__ in block_names:
+            fully_shard(child, reshard_after_forward=reshard)
+    fully_shard(module, reshard_after_forward=reshard)
+    return module
+
+
+def load_policy(path: str, runtime: Runtime, *, trainable: bool = True) -> PreTrainedModel:
+    """The HF causal LM at `path` in float32 (master weights), sharded, without dropout; frozen unless trainable."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    model.to(runtime.device)
+    model.config.use_cache = False  # training forwards never want a KV cache; generation passes its own
+    model.eval()  # no dropout: the learner's logprobs must be the distribution the rollouts sampled from
+    if not trainable:
+        model.requires_grad_(False)
+    shard(model, runtime)
+    return model
+
+
+def build_value_head(policy: PreTrainedModel, runtime: Runtime) -> nn.Linear:
+    """PPO's critic: Linear(hidden_size, 1) on the last hidden state, zero-initialised (V = 0 at the start)."""
+    head = nn.Linear(policy.config.hidden_size, 1, device=runtime.device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    fully_shard(head, reshard_after_forward=runtime.world > 1)
+    return head
+
+
+def build_optimizer(cfg: LearnerConfig, modules: list[nn.Module]) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of `modules`."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    # foreach explicitly: for FSDP2's DTensor parameters the default falls back to the per-tensor loop, slower.
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, foreach=True
+    )
+
+
+def lr_factor(step: int, cfg: LearnerConfig) -> float:
+    """Multiplier of `lr` at optimizer step `step` (0-based): linear warmup, then constant or cosine to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_scheduler == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(cfg: LearnerConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """The `lr_factor` schedule, stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def forward(
+    model: nn.Module, batch: Batch, runtime: Runtime, *, temperature: float = 1.0, value_head: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Response logits [B, T, V] (divided by `temperature`: the distribution the rollouts sampled from) and, with
+    a value head, the values [B, T] of the states before each response token. Only the last T + 1 positions go
+    through the LM head."""
+    with runtime.forward_context():
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=batch.response_length + 1,
+            output_hidden_states=value_head is not None,
+            use_cache=False,
+        )
+        logits = response_logits(out.logits, batch.response_length)
+        values = None
+        if value_head is not None:
+            hidden = response_logits(out.hidden_states[-1], batch.response_length)
+            values = value_head(hidden).squeeze(-1).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits, values
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) weights on CPU on rank 0 ({} on the others). Collective: every rank must call it."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,74 @@
+"""One learner rank for test_learner_ranks.py: FSDP2 over gloo, a few trainer steps on a fixed batch, results to JSON.
+
+python ranks_worker.py MODEL_PATH OUT_JSON     (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from bus.schema import Trajectory
+from learner_node.config import LearnerConfig
+from learner_node.groups import Unit
+from learner_node.model import build_optimizer, build_scheduler, full_state_dict, init_distributed, load_policy
+from learner_node.trainer import Trainer
+
+STEPS = 3
+
+
+def batch(step: int) -> list[Unit]:
+    """Five groups of uneven sizes and lengths (the ranks get unequal rows), the same on every rank."""
+    rng = np.random.default_rng(step)
+    units = []
+    for g, size in enumerate([2, 5, 3, 4, 2]):
+        members = []
+        for i in range(size):
+            response = rng.integers(4, 90, rng.integers(1, 7)).astype(np.int32)
+            members.append(
+                Trajectory(
+                    id=f"s{step}g{g}t{i}",
+                    group_id=f"g{g}",
+                    producer="test",
+                    prompt_ids=rng.integers(4, 90, rng.integers(2, 8)).astype(np.int32),
+                    response_ids=response,
+                    behavior_logprobs=np.full(len(response), -4.6, np.float32),
+                    reward=float(rng.random()),
+                )  # fmt: skip
+            )
+        units.append(Unit(f"g{g}", members))
+    return units
+
+
+def run(model_path: str) -> dict:
+    cfg = LearnerConfig(lr=1e-2, micro_batch_size=3, adam_epsilon=1e-2, beta=0.05, loss_agg="seq-mean-token-mean")
+    runtime = init_distributed(cfg)
+    policy = load_policy(model_path, runtime)
+    reference = load_policy(model_path, runtime, trainable=False)
+    optimizer = build_optimizer(cfg, [policy])
+    trainer = Trainer(cfg, runtime, policy, optimizer, build_scheduler(cfg, optimizer), reference=reference)
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in policy.parameters())
+    total = sum(p.numel() for p in policy.parameters())
+    metrics = [trainer.step(batch(step)) for step in range(STEPS)]
+    weights = full_state_dict(policy)
+    return {
+        "rank": runtime.rank,
+        "world": runtime.world,
+        "local_numel": local,
+        "total_numel": total,
+        "metrics": metrics,
+        "checksums": {k: float(v.double().sum()) for k, v in weights.items()},
+    }
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    result = run(sys.argv[1])
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()

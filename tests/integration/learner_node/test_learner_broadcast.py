@@ -1,0 +1,100 @@
+"""The learner's broadcast on a real Redis: a receiver joined through the store loads each published version (the
+full weights gathered from FSDP2), every version is announced on the control stream, and an SGLang engine's Join
+there makes the sender drive it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bus.codec import decode, encode
+from bus.config import BusConfig
+from bus.schema import Heartbeat, Join, Leave, Weights
+from bus.transport import setup_transport
+from learner_node.broadcast import Broadcaster
+from learner_node.config import LearnerConfig
+from learner_node.model import full_state_dict, init_distributed, load_policy
+from slipstream.demo_model import build_demo_model
+from weight_broadcast.config import BroadcastConfig
+from weight_broadcast.links import HttpLink
+
+
+def control_messages(transport: Any, config: BusConfig) -> list[Any]:
+    return [decode(d.data) for d in transport.read(config.stream("control"), "0", 1000, 0)]
+
+
+def test_versions_reach_a_receiver_and_the_control_stream(tmp_path: Path, redis_server: Any) -> None:
+    config = BusConfig(url=redis_server.url)
+    transport = setup_transport(config)
+    runtime = init_distributed(LearnerConfig())
+    policy = load_policy(str(build_demo_model(tmp_path / "m")), runtime)
+    broadcast = BroadcastConfig(master_port=0, timeout_s=20, join_poll_s=0.05)
+    broadcaster = Broadcaster(broadcast, transport, runtime, node_id="learner", dtype=torch.bfloat16)
+    engine = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("receiver_worker.py")), "engine-0", str(broadcaster.port)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    loads: list[dict[str, Any]] = []
+    reader = threading.Thread(target=lambda: loads.extend(json.loads(line) for line in engine.stdout), daemon=True)
+    reader.start()
+    try:
+        broadcaster.publish(policy, 0, wait=True)  # staged: the engine gets version 0 when it joins
+        deadline = time.monotonic() + 60
+        while not loads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(1.0)
+        broadcaster.publish(policy, 1, wait=True)
+        deadline = time.monotonic() + 20
+        while (not loads or loads[-1]["version"] != 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        expected = {k: float(v.to(torch.bfloat16).double().sum()) for k, v in full_state_dict(policy).items()}
+    finally:
+        engine.stdin.close()
+        engine.wait(timeout=30)
+        broadcaster.close()
+    assert [load["version"] for load in loads][0] == 0 and loads[-1]["version"] == 1
+    assert broadcaster.delivered_version == 1
+    assert loads[-1]["sums"] == expected and set(loads[-1]["dtypes"].values()) == {"bfloat16"}
+    messages = control_messages(transport, config)
+    assert [m.version for m in messages if isinstance(m, Weights)][-1] == 1
+    kinds = [type(m) for m in messages if getattr(m, "node_id", None) == "learner"]
+    assert kinds[0] is Join and kinds[-1] is Leave and set(kinds) <= {Join, Heartbeat, Leave}
+    transport.close()
+
+
+def test_an_sglang_join_on_the_control_stream_adds_an_http_link(redis_server: Any, monkeypatch: Any) -> None:
+    config = BusConfig(url=redis_server.url)
+    transport = setup_transport(config)
+    stream = config.stream("control")
+    engines = {
+        "sglang-0": Join(
+            "sglang-0", "rollout", address="http://10.0.0.5:30000", meta={"engine": "sglang", "n_ranks": 2}
+        ),
+        "torch-0": Join("torch-0", "rollout", address="10.0.0.6:9400", meta={"engine": "torch"}),
+        "gone": Join("gone", "rollout", address="http://10.0.0.7:30000", meta={"engine": "sglang"}),
+    }
+    for event in [*engines.values(), Leave("gone", "rollout")]:
+        transport.publish(stream, [encode(event)], retain=config.control_retain)
+    runtime = init_distributed(LearnerConfig())
+    broadcaster = Broadcaster(BroadcastConfig(master_port=0, join_poll_s=0.05), transport, runtime,
+                              node_id="learner", dtype=torch.float32)  # fmt: skip
+    added: list[HttpLink] = []
+    monkeypatch.setattr(broadcaster.sender, "add_engine", added.append)
+    try:
+        deadline = time.monotonic() + 10
+        while not added and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # a second round must not add it again
+    finally:
+        broadcaster.close()
+        transport.close()
+    assert [(link.name, link.url, link.n_ranks) for link in added] == [("sglang-0", "http://10.0.0.5:30000", 2)]
