@@ -7,7 +7,16 @@ from envs.config import ArithmeticConfig, FormatConfig, ReverseConfig, TaskConfi
 from envs.dataset import PromptDataset
 from envs.multiturn import CalculatorEnv, Environment, EnvReply, Episode, PolicyTurn, make_environment, run_episode
 from envs.render import render_completion, render_preference, render_prompt
-from envs.rewards import ExactMatch, FormatTags, LengthPenalty, MathAnswer, Reward, RewardSpec, UserFunction
+from envs.rewards import (
+    ExactMatch,
+    FormatTags,
+    LengthPenalty,
+    MathAnswer,
+    NumericCloseness,
+    Reward,
+    RewardSpec,
+    UserFunction,
+)
 from envs.rows import PromptRow, row_from_record
 from envs.scoring import RewardSet, ScoreResult
 from envs.sources import build_dataset, load_rows
@@ -19,6 +28,7 @@ __all__ = [
     "Environment",
     "Episode",
     "ExactMatch",
+    "NumericCloseness",
     "FormatConfig",
     "FormatTags",
     "LengthPenalty",

@@ -14,6 +14,7 @@ In TOML a reward is picked by `function`: a built-in name or a user function's i
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -85,6 +86,35 @@ class ExactMatch(Reward):
             hit = answer is not None and self._normal(answer) in {self._normal(g) for g in golds}
             scores.append(1.0 if hit else 0.0)
         return scores
+
+
+class NumericCloseness(Reward):
+    """Partial credit for a number near the ground truth: max(0, 1 - |answer - truth| / scale); 0.0 when the
+    extracted answer is not a number. A dense signal for small arithmetic tasks, where an exact-match reward alone is
+    too sparse for a random policy to find (the policy still has to reach the exact answer to get full credit)."""
+
+    function: Literal["numeric_closeness"] = "numeric_closeness"
+    extract: Extract = Field("full", description="compare the full completion, its first line, or its last <answer>")
+    scale: float = Field(5.0, gt=0, le=1e12, description="distance at which the credit reaches 0")
+
+    def __call__(self, completions: list[str], ground_truth: list[Any] | None = None, **_: Any) -> list[float]:
+        scores = []
+        for completion, golds in zip(completions, _golds(ground_truth, len(completions), self.label), strict=True):
+            answer = _number(extract_answer(completion, self.extract))
+            targets = [t for t in map(_number, golds) if t is not None]
+            best = (
+                max((1.0 - abs(answer - t) / self.scale for t in targets), default=0.0) if answer is not None else 0.0
+            )
+            scores.append(max(0.0, best))
+        return scores
+
+
+def _number(text: Any) -> float | None:
+    try:
+        value = float(str(text).strip())
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 class MathAnswer(Reward):
@@ -172,6 +202,7 @@ class LengthPenalty(Reward):
 
 BUILTIN_REWARDS: dict[str, type[Reward]] = {
     "exact_match": ExactMatch,
+    "numeric_closeness": NumericCloseness,
     "math": MathAnswer,
     "format": FormatTags,
     "length_penalty": LengthPenalty,
@@ -213,6 +244,7 @@ def _reward_kind(value: Any) -> str:
 
 RewardSpec = Annotated[
     Annotated[ExactMatch, Tag("exact_match")]
+    | Annotated[NumericCloseness, Tag("numeric_closeness")]
     | Annotated[MathAnswer, Tag("math")]
     | Annotated[FormatTags, Tag("format")]
     | Annotated[LengthPenalty, Tag("length_penalty")]

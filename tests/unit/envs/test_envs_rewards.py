@@ -194,3 +194,11 @@ def test_user_function_model_round_trips(user_module: str) -> None:
     dumped: dict[str, Any] = reward.model_dump()
     assert TaskConfig(rewards=[dumped]).rewards[0] == reward
     assert reward(["hello"], ground_truth=["hell"]) == [1.0]
+
+
+def test_numeric_closeness_gives_partial_credit_by_distance() -> None:
+    from envs.rewards import NumericCloseness
+
+    reward = NumericCloseness(scale=5.0)
+    scores = reward(["7", "5", "x", " 7 ", "12", "nan"], ground_truth=["7"] * 6)
+    assert scores == [1.0, 0.6, 0.0, 1.0, 0.0, 0.0]
