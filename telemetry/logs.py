@@ -149,7 +149,8 @@ def configure_logging(
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        # Not cached: a logger bound before a reconfiguration (or inside structlog.testing.capture_logs) follows it.
+        cache_logger_on_first_use=False,
     )
     global _process_context
     _process_context = dict(bind)
