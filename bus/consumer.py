@@ -110,12 +110,18 @@ class MessageConsumer:
         self.transport.dead_letter(self.stream, self.group, delivery, reason, producer)
         self._release([received])
 
-    def requeue(self, received: Received) -> str:
-        """Give it back for any consumer of the group (e.g. this node is shutting down); returns the new entry id."""
+    def requeue(self, received: Received) -> str | None:
+        """Give it back for any consumer of the group (e.g. this node is shutting down); returns the new entry id, or
+        None when another consumer claimed it meanwhile (its lease expired here): it is that consumer's then."""
         delivery = Delivery(self.stream, received.entry_id, received.data, received.deliveries)
-        entry_id = self.transport.requeue(self.stream, self.group, delivery)
+        entry_id = self.transport.requeue(self.stream, self.group, delivery, self.consumer)
         self._release([received])
         return entry_id
+
+    def forget(self, received: Received) -> None:
+        """Stop holding `received` without settling it here: it was settled by other means (e.g. acked with its
+        result by `Transport.publish_and_ack`), or another consumer claimed it."""
+        self._release([received])
 
     def refresh_stats(self) -> None:
         """Trim entries every group has acked, then publish the stream length and this group's pending count."""
@@ -130,19 +136,21 @@ class MessageConsumer:
     def _admit(self, deliveries: list[Delivery]) -> list[Received]:
         """Decode, validate and dedup; dead-letter what is unusable and ack duplicates."""
         decoded: list[tuple[Delivery, Message]] = []
+        rejected: list[tuple[Delivery, str, str]] = []  # dead-lettered together: one round trip per poll
         for d in deliveries:
             try:
                 message = decode(d.data, self.limits)
             except MessageError as exc:
                 producer = str(peek(d.data).get("producer", ""))  # best effort: who to blame
-                self.transport.dead_letter(self.stream, self.group, d, str(exc), producer)
+                rejected.append((d, str(exc), producer))
                 continue
             if self.kinds is not None and not isinstance(message, self.kinds):
                 expected = sorted(KINDS[k] for k in self.kinds)
                 reason = f"kind: expected one of {expected} on {self.stream}, got {KINDS[type(message)]!r}"
-                self.transport.dead_letter(self.stream, self.group, d, reason, getattr(message, "producer", None))
+                rejected.append((d, reason, getattr(message, "producer", "")))
                 continue
             decoded.append((d, message))
+        self.transport.dead_letter_many(self.stream, self.group, rejected)
         ids = [getattr(m, "id", None) for _, m in decoded]
         fresh = [i for i in ids if i is not None and i not in self._in_flight]
         marked = dict(zip(fresh, self.dedup.seen(fresh), strict=True)) if self.dedup is not None and fresh else {}

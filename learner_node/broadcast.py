@@ -5,10 +5,11 @@
     broadcaster.delivered_version                          # newest version the engines were sent (rank 0)
 
 Rank 0 runs `weight_broadcast.WeightSender` on a background thread: `publish` gathers the full state dict
-(torch.distributed.checkpoint's helpers, full_state_dict + cpu_offload: a copy on CPU, so training may change the
-weights right away) and hands it over; the thread sends the newest version handed over (an older one not yet sent
-is skipped: engines only want the latest) while training goes on. In sync mode `publish(wait=True)` returns once
-delivered. The sender's timeouts bound every send, so a dead engine never stalls the learner.
+(torch.distributed.checkpoint's helpers, full_state_dict + cpu_offload), copies it in the broadcast dtype (so
+training may change the weights right away) and hands it over; the thread sends the newest version handed over (an
+older one not yet sent is skipped: engines only want the latest) while training goes on. In sync mode
+`publish(wait=True)` returns once delivered. The sender's timeouts bound every send, so a dead engine never stalls
+the learner.
 
 The same thread follows the control stream: `Join(role="rollout", address=<url>, meta={"engine": "sglang",
 "n_ranks": k})` adds an `HttpLink` for that engine (torch engines join through the rendezvous store by themselves),
@@ -76,7 +77,9 @@ class Broadcaster:
         state = full_state_dict(model)
         if self.sender is None:
             return
-        tensors = {name: tensor.to(self.dtype) for name, tensor in state.items()}
+        # A copy: with one rank the gathered tensors are the live parameters, which the next step changes while the
+        # background thread may still be staging them.
+        tensors = {name: tensor.to(self.dtype, copy=True) for name, tensor in state.items()}
         with self._sent:
             self._slot = (tensors, version)
             self._version = version

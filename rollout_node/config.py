@@ -150,6 +150,9 @@ class RolloutConfig(Section):
     proxy_max_request_bytes: int = Field(
         1_048_576, ge=1024, le=2**30, description="a request body larger than this is refused with 413"
     )
+    proxy_body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="a request body not received within this long is refused with 408"
+    )
     proxy_max_tokens: int = Field(
         1024,
         ge=1,

@@ -107,7 +107,10 @@ class RolloutNode:
             self._start_proxy()
         self._announce(self._join())
         if self.config.engine == "torch" and self.config.receive_weights:
-            self._spawn(self._receive_weights, "weights")
+            # Not a daemon: it may be inside a store call when the node stops (e.g. a connect attempt to a learner that
+            # is gone: a few seconds). The interpreter waits for it at exit; finalizing under it would abort the
+            # process when the call returns (SIGABRT, "terminate called without an active exception"), not exit 0.
+            self._spawn(self._receive_weights, "weights", daemon=False)
         self._spawn(self._heartbeats, "heartbeat")
         self._pipeline = TaskPipeline(
             self.settings,
@@ -175,6 +178,7 @@ class RolloutNode:
     def _receive_weights(self) -> None:
         """Join the learner's broadcast group (retrying until it is there) and load every update it sends."""
         from weight_broadcast.receiver import WeightReceiver
+        from weight_broadcast.rendezvous import CONNECT_ATTEMPT_S
 
         config = self.settings.weights
         if config.name is None:
@@ -182,7 +186,7 @@ class RolloutNode:
         receiver = WeightReceiver(config, load=self._load_weights)
         while not self._closing.is_set():
             try:
-                receiver.connect()
+                receiver.connect(CONNECT_ATTEMPT_S)
                 break
             except Exception as exc:
                 log.warning("learner's weight broadcast unreachable; retrying", error=str(exc))
@@ -240,8 +244,8 @@ class RolloutNode:
         ).start()
 
     # --- helpers -------------------------------------------------------------------------------------------------
-    def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
-        thread = threading.Thread(target=target, name=name, daemon=True)
+    def _spawn(self, target: Callable[[], None], name: str, daemon: bool = True) -> threading.Thread:
+        thread = threading.Thread(target=target, name=name, daemon=daemon)
         thread.start()
         self._threads.append(thread)
         return thread

@@ -5,9 +5,11 @@
   of dead nodes are claimed by the consumer), wait (bounded) for the engine to reach the tasks' `min_version`,
   generate n samples per task (one engine call per sampling setting; with a multi-turn environment, n episodes
   through `envs.run_episode`), and hand the tasks to a bounded queue.
-- scorer: scores each task's samples with the task's rewards, publishes ONE Group (group id = task id, trajectory
-  ids `<task id>:<sample index>`), then acks the task. Ack after publish is at-least-once: a task redelivered after
-  its group went out yields the same ids, and the learner drops the copy.
+- scorer: scores each task's samples with the task's rewards and publishes ONE Group (group id = task id, trajectory
+  ids `<task id>:<sample index>`) together with the task's ack, in one transaction that first checks the node still
+  holds the task (`Publisher.publish_result`): a node killed at any point never leaves a published group whose task
+  is redelivered, and a node back from a pause longer than the lease drops its result for the node that claimed the
+  task. Were a copy published anyway (a claim racing that check), it has the same ids and the learner drops it.
 
 A failed engine call is counted (ROLLOUT_ENGINE_ERRORS) and its tasks requeued; a task the engine rejects as
 invalid, or that failed `bus.max_deliveries` times on this node, is dead-lettered. The node itself never dies of it.
@@ -296,7 +298,7 @@ class TaskPipeline:
                 self._settle(job.received.entry_id, "nack", f"group: {exc}")
                 continue
             try:
-                self.publisher.publish([group])
+                published = self.publisher.publish_result(group, job.received, self.consumer)
                 self._touch_bus()
             except MessageError as exc:  # e.g. longer than bus.max_tokens: the learner could not take it either
                 self._settle(job.received.entry_id, "nack", f"group.{exc}")
@@ -305,30 +307,33 @@ class TaskPipeline:
                 log.exception("publishing failed; releasing the task", task_id=job.task.id)
                 self._settle(job.received.entry_id, "requeue", "publish failed")
                 continue
-            self._settle(job.received.entry_id, "ack", "published")
+            if not published:  # its lease expired while this node was slow or paused, and another node claimed it
+                log.warning("result dropped: task claimed by another node", task_id=job.task.id)
+            self._settle(job.received.entry_id, "forget", "published" if published else "claimed by another node")
 
     # --- settling tasks ------------------------------------------------------------------------------------------
     def _settle(self, entry_id: str, action: str, reason: str) -> None:
-        """ack, nack (dead-letter with `reason`) or requeue a task in hand; a task already settled is left alone
-        (e.g. released by a shutdown while its generation was still running)."""
+        """nack (dead-letter with `reason`), requeue, or forget (acked with its group, or held by another node now)
+        a task in hand; a task already settled is left alone (e.g. released by a shutdown while its generation was
+        still running)."""
         with self._lock:
             held = self._in_hand.pop(entry_id, None)
             if held is None:
                 return
             received = held.received if isinstance(held, Job) else held
             try:
-                if action == "ack":
-                    self.consumer.ack(received)
+                if action == "forget":
+                    self.consumer.forget(received)
                 elif action == "nack":
                     self.consumer.nack(received, reason)
-                else:
-                    self.consumer.requeue(received)
+                elif self.consumer.requeue(received) is None:
+                    action = "left to the node that claimed it"  # its lease expired here: requeued, it would run twice
                 self._touch_bus()
             except Exception as exc:  # the bus is gone: the entry stays pending and its lease brings it back
                 log.warning("could not settle a task", action=action, entry_id=entry_id, error=str(exc))
                 return
-        if action != "ack":
-            log.info("task " + ("dead-lettered" if action == "nack" else "requeued"), entry_id=entry_id, reason=reason)
+        if action != "forget":
+            log.info("task settled", action=action, entry_id=entry_id, reason=reason)
 
     def _release(self, entry_ids: list[str], reason: str) -> None:
         for entry_id in entry_ids:

@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import structlog
 import uvicorn
@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bus.schema import MessageError, Sampling, Trajectory, new_id
 from rollout_node.config import NAME_PATTERN, RolloutConfig
 from rollout_node.engines.base import Engine, Sample, error_reason
+from rollout_node.server import HeadTimeoutH11
 from rollout_node.sessions import ProxyError, RewardRequest, SessionStore
 from telemetry.metrics import ROLLOUT_ENGINE_ERRORS, ROLLOUT_PROXY_SESSIONS
 
@@ -92,8 +93,11 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # what a tokenizer can take at all (the engine checks the vocabulary)
+
+
 class CompletionRequest(_Request):
-    prompt: str | list[int]
+    prompt: str | list[TokenId]
     logprobs: int | None = Field(None, ge=0, le=0)  # 0: the sampled token's logprob only
     echo: Literal[False] = False
 
@@ -143,6 +147,7 @@ class AgentProxy:
             log_config=None,
             log_level="warning",
             access_log=False,
+            http=HeadTimeoutH11,  # a connection that never completes a request head is closed
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="agent-proxy", daemon=True)
@@ -367,14 +372,22 @@ class AgentProxy:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ProxyError(413, f"request body of {declared} bytes > {limit} (rollout.proxy_max_request_bytes)")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ProxyError(413, f"request body > {limit} bytes (rollout.proxy_max_request_bytes)")
         try:
-            return model.model_validate(json.loads(body))
-        except json.JSONDecodeError as exc:
+            async with asyncio.timeout(self.config.proxy_body_timeout_s):  # a client that stalls is not waited on
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise ProxyError(413, f"request body > {limit} bytes (rollout.proxy_max_request_bytes)")
+        except TimeoutError:
+            seconds = self.config.proxy_body_timeout_s
+            message = f"request body not received within {seconds}s (rollout.proxy_body_timeout_s)"
+            raise ProxyError(408, message) from None
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested deeper than the parser goes
             raise ProxyError(400, f"body: not JSON: {exc}") from exc
+        try:
+            return model.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "body"

@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import anyio
+import h11
 import structlog
 import torch
 import uvicorn
@@ -63,6 +64,7 @@ from pydantic import (
     model_validator,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bus.schema import Sampling
 from rollout_node.engines.base import Engine, Sample
@@ -479,6 +481,40 @@ async def _reply(send: Send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class HeadTimeoutH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, where a request head (request line and headers) must arrive within
+    `timeout_keep_alive` of the connection opening or of the previous response. uvicorn's own timer only covers an
+    idle keep-alive connection and stops at the first byte, so a client that connects and sends nothing, or dribbles
+    half a request line (slowloris), would hold its connection forever. Pass as `uvicorn.Config(http=...)`."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.timeout_keep_alive, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        # Still no complete head: there is no request to answer (h11 sends no response before one), only close.
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.info("closing a connection that sent no complete request head", client=self.client)
+            self.transport.close()
+
+
 class ServerHandle:
     """A uvicorn server running in a daemon thread: `.port`, `.url`, `.stop()`."""
 
@@ -523,7 +559,13 @@ def serve_in_thread(
         raise
     bound_port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, log_config=None, access_log=False, timeout_keep_alive=5, timeout_graceful_shutdown=5, lifespan="off"
+        app,
+        http=HeadTimeoutH11,
+        log_config=None,
+        access_log=False,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+        lifespan="off",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"http-{bound_port}", daemon=True)

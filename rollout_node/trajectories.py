@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from bus.codec import MAX_NAME_CHARS, encode
+from bus.consumer import MessageConsumer, Received
 from bus.schema import Group, Task, Trajectory
-from bus.transport import Transport
+from bus.transport import Delivery, Transport
 from bus.transport.redis_streams import RedisTransport
 from envs import PromptRow, RewardSet
 from rollout_node.engines.base import Sample, VersionRange, token_versions, version_ranges
@@ -118,8 +119,10 @@ class Publisher:
     """Puts groups and trajectories on the trajectories stream and counts what went out: TRAJECTORIES_PUBLISHED and,
     on Redis, HINCRBY `<prefix>accounting` `published` by the number of trajectories (docs/rollout.md, accounting).
 
-    The count follows the XADD in a second round trip: a crash in between leaves trajectories published but not
-    counted, which shows as trained + dropped exceeding published. Thread-safe (the transport is)."""
+    A task's group goes out with `publish_result`: the XADD, the count and the task's ack in one transaction, so a
+    node killed at any point leaves the group published, counted and its task acked, or none of it. `publish`
+    (agent sessions, no task) counts in a second round trip: a crash in between leaves trajectories published but
+    not counted, which shows as trained + dropped exceeding published. Thread-safe (the transport is)."""
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
@@ -129,12 +132,31 @@ class Publisher:
     def publish(self, messages: Sequence[Group | Trajectory]) -> list[str]:
         """Validate and encode every message (a `MessageError` names the field; nothing is sent then), publish them
         in one round trip (waiting while the stream is full) and count their trajectories. Returns the entry ids."""
-        limits = self.transport.config.limits()
-        payloads = [encode(m, limits=limits) for m in messages]
+        payloads, count = self._encode(messages)
         entry_ids = self.transport.publish(self.stream, payloads)
-        count = sum(len(m.trajectories) if isinstance(m, Group) else 1 for m in messages)
         transport = self.transport
         if isinstance(transport, RedisTransport):
             transport.retrying(lambda: transport.client.hincrby(self.accounting_key, "published", count))
         TRAJECTORIES_PUBLISHED.inc(count)
         return entry_ids
+
+    def publish_result(self, group: Group, task: Received, consumer: MessageConsumer) -> bool:
+        """Publish `task`'s group, count it and ack `task` on `consumer`'s group at once (`publish` validates the
+        same way). False when nothing was published because the node no longer holds the task: its lease expired
+        and another node claimed it (that node publishes the group), or it was acked already."""
+        payloads, count = self._encode([group])
+        source = Delivery(consumer.stream, task.entry_id, task.data, task.deliveries)
+        counter = (self.accounting_key, "published", count)
+        entry_ids = self.transport.publish_and_ack(
+            self.stream, payloads, source, consumer.group, consumer.consumer, counter
+        )
+        if entry_ids is None:
+            return False
+        TRAJECTORIES_PUBLISHED.inc(count)
+        return True
+
+    def _encode(self, messages: Sequence[Group | Trajectory]) -> tuple[list[bytes], int]:
+        """The wire bytes of `messages` (raises `MessageError` naming the field) and their trajectory count."""
+        limits = self.transport.config.limits()
+        payloads = [encode(m, limits=limits) for m in messages]
+        return payloads, sum(len(m.trajectories) if isinstance(m, Group) else 1 for m in messages)

@@ -33,7 +33,14 @@ from bus.schema import Weights
 from telemetry.metrics import ROLLOUT_WEIGHT_LOAD_DURATION
 from weight_broadcast.config import ReceiverConfig
 from weight_broadcast.layout import FlatBuckets, Layout, bucket_digest, parse_checksum, validate_weights
-from weight_broadcast.rendezvous import Board, JoinRequest, close_group, connect_store, open_group
+from weight_broadcast.rendezvous import (
+    CONNECT_ATTEMPT_S,
+    Board,
+    JoinRequest,
+    close_group,
+    connect_store,
+    open_group,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -65,9 +72,11 @@ class WeightReceiver:
         self._loaded_set = len(self._sets) - 1  # the set the engine's tensors come from; receive into the other
 
     # --- public API ----------------------------------------------------------------------------------------------
-    def connect(self) -> None:
-        """Connect to the learner's store (waiting up to `timeout_s` for it) and ask to join the broadcast."""
-        self._store = connect_store(self.config.master_addr, self.config.master_port, self.config.timeout_s)
+    def connect(self, attempt_s: float | None = None) -> None:
+        """Connect to the learner's store (waiting up to `attempt_s`, default `timeout_s`, for it) and ask to join
+        the broadcast."""
+        config = self.config
+        self._store = connect_store(config.master_addr, config.master_port, config.timeout_s, attempt_s)
         self._board = Board(self._store)
         self._seq = self._board.store.add("announce/seq", 0)  # before asking: the answer comes after this one
         self._request_join()
@@ -92,7 +101,7 @@ class WeightReceiver:
         except dist.DistNetworkError as exc:  # the learner is gone: connect to its successor and ask to join
             log.warning("lost the learner's store: reconnecting", engine=self.name, error=str(exc))
             self._leave()
-            self.connect()  # raises while no learner is back: the next step tries again
+            self.connect(CONNECT_ATTEMPT_S)  # raises while no learner is back: the next step tries again
             return False
         if got is None:
             return False

@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 
 POLL_S = 0.002  # store polling period: a check is one ~10 us round trip, and the poll adds at most this latency
 ANNOUNCEMENTS_KEPT = 8  # older announcements are deleted (receivers only ever read the newest)
+CONNECT_ATTEMPT_S = 1.0  # one attempt to reach a learner's store, for callers that retry (a receiver reconnecting)
 
 
 def host_store(port: int, timeout_s: float) -> dist.TCPStore:
@@ -48,9 +49,15 @@ def host_store(port: int, timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore("0.0.0.0", port, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
-def connect_store(addr: str, port: int, timeout_s: float) -> dist.TCPStore:
-    """Connect to the learner's store, retrying for up to `timeout_s`."""
-    return dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+def connect_store(addr: str, port: int, timeout_s: float, attempt_s: float | None = None) -> dist.TCPStore:
+    """Connect to the learner's store, retrying for up to `attempt_s` (default `timeout_s`; the TCPStore client's
+    backoff may add about as much again); every later call on the store is bounded by `timeout_s`. Callers that
+    retry on their own pass a short `attempt_s` (`CONNECT_ATTEMPT_S`): an attempt blocks its thread, which then
+    answers neither a stop nor its process's exit."""
+    timeout = timedelta(seconds=timeout_s if attempt_s is None else min(attempt_s, timeout_s))
+    store = dist.TCPStore(addr, port, is_master=False, timeout=timeout, wait_for_workers=False)
+    store.set_timeout(timedelta(seconds=timeout_s))
+    return store
 
 
 def open_group(

@@ -12,6 +12,7 @@ Transports move BYTES; decoding and validation live a floor above (`bus.consumer
 
 from __future__ import annotations
 
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -25,6 +26,9 @@ from bus.config import BusConfig
 from telemetry.metrics import BUS_BACKPRESSURE_WAIT, BUS_MESSAGES
 
 log = structlog.get_logger(__name__)
+
+# How often a producer waiting for room on a full stream polls it (jittered +-50%): every waiter at the same pace.
+ROOM_POLL_S = 0.02
 
 
 class BusError(RuntimeError):
@@ -90,6 +94,7 @@ class Transport(ABC):
         self.config = config
         # Last observed length per stream: a publish only polls the server while this says "full".
         self._lengths: dict[str, int] = {}
+        self._taking_turns: set[str] = set()  # streams this producer found nearly full: see `_wait_for_room`
         # BUS_MESSAGES children by (stream, event): labels() takes a lock and builds a key on every call.
         self._counters: dict[tuple[str, str], Counter] = {}
 
@@ -103,10 +108,31 @@ class Transport(ABC):
         """
         if not payloads:
             return []
-        if retain is None and self._lengths.get(stream, 0) >= self.config.max_stream_length:
-            self._wait_for_room(stream)
+        if retain is None:
+            self._make_room(stream)
         ids, self._lengths[stream] = self._publish(stream, payloads, retain)
         self._count(stream, "published", len(ids))
+        return ids
+
+    def publish_and_ack(
+        self,
+        stream: str,
+        payloads: Sequence[bytes],
+        source: Delivery,
+        group: str,
+        consumer: str,
+        counter: tuple[str, str, int] | None = None,
+    ) -> list[str] | None:
+        """Publish `payloads` to `stream` as the result of `source` (an entry `consumer` holds in `group`) and ack
+        `source`; returns the entry ids, or None when nothing was published because `consumer` no longer holds
+        `source` (its lease expired and another consumer claimed it, or it was settled already).
+
+        Redis does it as one transaction after checking that `consumer` still holds `source`, with `counter`
+        (hash key, field, amount) incremented in it: a crash leaves the result published and the entry acked, or
+        neither, so a redelivered entry never yields a second copy of a result already out. Other transports
+        publish, then ack, and ignore `counter`. Waits for room like `publish`."""
+        ids = self.publish(stream, payloads)
+        self.ack(source.stream, group, [source.entry_id])
         return ids
 
     def consume(self, stream: str, group: str, consumer: str, count: int, block_ms: int) -> list[Delivery]:
@@ -130,14 +156,28 @@ class Transport(ABC):
         self, stream: str, group: str, delivery: Delivery, reason: str, producer: str | None = None
     ) -> None:
         """Copy `delivery` to the dead stream with `reason` and ack it, atomically where the transport allows."""
-        self._dead_letter(stream, group, delivery, reason, producer or "")
-        self._count(stream, "dead_lettered", 1)
-        log.warning("dead-lettered", stream=stream, group=group, entry_id=delivery.entry_id, reason=reason)
+        self.dead_letter_many(stream, group, [(delivery, reason, producer or "")])
+
+    def dead_letter_many(self, stream: str, group: str, rejected: Sequence[tuple[Delivery, str, str]]) -> None:
+        """`dead_letter` for several entries, each given as (delivery, reason, producer), in one round trip where
+        the transport allows. Logged as one line naming the first: a flood of bad messages must cost neither a
+        round trip nor a log line per message (the dead stream holds every one with its reason)."""
+        if not rejected:
+            return
+        self._dead_letter_many(stream, group, rejected)
+        self._count(stream, "dead_lettered", len(rejected))
+        delivery, reason, _ = rejected[0]
+        log.warning(
+            "dead-lettered", stream=stream, group=group, count=len(rejected), entry_id=delivery.entry_id, reason=reason
+        )
 
     @abstractmethod
-    def requeue(self, stream: str, group: str, delivery: Delivery) -> str:
+    def requeue(self, stream: str, group: str, delivery: Delivery, consumer: str | None = None) -> str | None:
         """Give an entry back to any consumer of the group: re-append its payload (new entry id, returned) and
-        ack the old one, atomically where the transport allows. Never waits for backpressure (not new load)."""
+        ack the old one, atomically where the transport allows. Never waits for backpressure (not new load). With
+        `consumer`, only while that consumer still holds the entry (where the transport tracks it): an entry whose
+        lease expired and that another consumer claimed is that one's now, and re-appending it would run it twice;
+        None then."""
 
     @abstractmethod
     def ensure_group(self, stream: str, group: str) -> None:
@@ -189,6 +229,11 @@ class Transport(ABC):
     def _dead_letter(self, stream: str, group: str, delivery: Delivery, reason: str, producer: str) -> None:
         """`dead_letter` without metrics and logs."""
 
+    def _dead_letter_many(self, stream: str, group: str, rejected: Sequence[tuple[Delivery, str, str]]) -> None:
+        """`dead_letter_many` without metrics and logs: one `_dead_letter` each, unless a transport batches them."""
+        for delivery, reason, producer in rejected:
+            self._dead_letter(stream, group, delivery, reason, producer)
+
     def _screen(self, stream: str, group: str, deliveries: list[Delivery]) -> list[Delivery]:
         """Dead-letter poison entries, count the rest as consumed (and redelivered), return the rest."""
         limit = self.config.max_deliveries
@@ -198,8 +243,9 @@ class Transport(ABC):
                 redelivered += 1
                 if d.deliveries > limit:
                     poison.append(d)
-        for d in poison:
-            self.dead_letter(stream, group, d, f"deliveries: {d.deliveries} > max_deliveries ({limit})")
+        self.dead_letter_many(
+            stream, group, [(d, f"deliveries: {d.deliveries} > max_deliveries ({limit})", "") for d in poison]
+        )
         kept = [d for d in deliveries if d.deliveries <= limit] if poison else deliveries
         if kept:
             self._count(stream, "consumed", len(kept))
@@ -214,20 +260,39 @@ class Transport(ABC):
             counter = self._counters[(stream, event)] = BUS_MESSAGES.labels(stream, event)
         counter.inc(n)
 
+    def _make_room(self, stream: str) -> None:
+        """Backpressure before appending: wait while `stream` was full when last seen, or while this producer is
+        taking turns with others for room on it (see `_wait_for_room`)."""
+        if stream in self._taking_turns or self._lengths.get(stream, 0) >= self.config.max_stream_length:
+            self._wait_for_room(stream)
+
     def _wait_for_room(self, stream: str) -> None:
-        """Poll (trimming acked entries) with backoff until the stream is below `max_stream_length`."""
+        """Poll (trimming acked entries) until the stream is below `max_stream_length`, fairly among producers.
+
+        Every waiting producer polls at the same jittered interval (a backoff that grows would favour whoever began
+        waiting last), and one that found room takes turns: one batch per poll interval while the stream stays over
+        half full, instead of filling all the room it found before the others poll again."""
         limit, timeout = self.config.max_stream_length, self.config.backpressure_timeout_s
-        # 5 ms first (a consumer usually frees room within a poll), at most 250 ms (resume soon after it does).
-        backoff = Backoff(0.005, 0.25)
+        started = time.monotonic()
+        turn = stream in self._taking_turns  # it published at its last poll: the others poll first
         try:
-            while (length := self.trim(stream)) >= limit:
-                self._lengths[stream] = length
-                if backoff.elapsed >= timeout:
-                    raise BackpressureTimeout(stream, length, limit, backoff.elapsed)
-                backoff.sleep(timeout)
-            self._lengths[stream] = length
+            while True:
+                if turn:
+                    left = timeout - (time.monotonic() - started)
+                    time.sleep(max(0.0, min(ROOM_POLL_S * random.uniform(0.5, 1.5), left)))
+                turn = True
+                length = self._lengths[stream] = self.trim(stream)
+                if length < limit:
+                    break
+                waited = time.monotonic() - started
+                if waited >= timeout:
+                    raise BackpressureTimeout(stream, length, limit, waited)
+            if length > limit // 2:
+                self._taking_turns.add(stream)
+            else:
+                self._taking_turns.discard(stream)
         finally:
-            BUS_BACKPRESSURE_WAIT.labels(stream).inc(backoff.elapsed)
+            BUS_BACKPRESSURE_WAIT.labels(stream).inc(time.monotonic() - started)
 
     def __enter__(self) -> Transport:
         return self

@@ -170,9 +170,12 @@ class InProcTransport(Transport):
             self._group(stream, group)[1].pending.pop(_seq(delivery.entry_id), None)
             self._broker.cond.notify_all()
 
-    def requeue(self, stream: str, group: str, delivery: Delivery) -> str:
+    def requeue(self, stream: str, group: str, delivery: Delivery, consumer: str | None = None) -> str | None:
         with self._broker.cond:
             s, g = self._group(stream, group)
+            held = g.pending.get(_seq(delivery.entry_id))
+            if consumer is not None and (held is None or held.consumer != consumer):
+                return None
             seq = s.append({"data": delivery.data}, None)
             g.pending.pop(_seq(delivery.entry_id), None)
             self._broker.cond.notify_all()

@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from bus.config import BusConfig
+from bus.field_rules import show
 from bus.transport.base import Backoff, BusError, BusPermissionDenied, BusUnavailable, DeadLetter, Delivery, Transport
 from telemetry.metrics import BUS_RECONNECTS
 
@@ -173,6 +174,7 @@ class RedisTransport(Transport):
         deliveries: Callable[[str], int],
     ) -> list[Delivery]:
         out = []
+        rejected: list[tuple[Delivery, str, str]] = []
         for entry_id, fields in entries:
             data = fields.get(_DATA) if fields else None
             if data is not None:
@@ -182,41 +184,94 @@ class RedisTransport(Transport):
                 log.warning("pending entry was deleted, acking it", stream=stream, entry_id=entry_id)
                 self.ack(stream, group, [entry_id])
             else:
-                names = sorted(_str(k) for k in fields)
-                self.dead_letter(stream, group, Delivery(stream, entry_id, b""), f"entry: no 'data' field, has {names}")
+                names = show(sorted(_str(k) for k in fields))  # a hostile entry may have thousands of fields
+                rejected.append((Delivery(stream, entry_id, b""), f"entry: no 'data' field, has {names}", ""))
+        self.dead_letter_many(stream, group, rejected)
         return out
 
     def _ack(self, stream: str, group: str, entry_ids: Sequence[str]) -> None:
         self.retrying(lambda: self.client.xack(stream, group, *entry_ids))
 
     def _dead_letter(self, stream: str, group: str, delivery: Delivery, reason: str, producer: str) -> None:
-        record = {
-            _DATA: delivery.data,
-            b"reason": reason,
-            b"stream": stream,
-            b"group": group,
-            b"entry_id": delivery.entry_id,
-            b"producer": producer,
-            b"deliveries": delivery.deliveries,
-            b"time": repr(time.time()),
-        }
+        self._dead_letter_many(stream, group, [(delivery, reason, producer)])
+
+    def _dead_letter_many(self, stream: str, group: str, rejected: Sequence[tuple[Delivery, str, str]]) -> None:
+        now = repr(time.time())
+        records = [
+            {
+                _DATA: delivery.data,
+                b"reason": reason,
+                b"stream": stream,
+                b"group": group,
+                b"entry_id": delivery.entry_id,
+                b"producer": producer,
+                b"deliveries": delivery.deliveries,
+                b"time": now,
+            }
+            for delivery, reason, producer in rejected
+        ]
 
         def op() -> None:
-            pipe = self.client.pipeline(transaction=True)  # MULTI: the copy and the ack land together
-            pipe.xadd(self.config.dead, record, maxlen=self.config.dead_retain, approximate=True)
-            pipe.xack(stream, group, delivery.entry_id)
+            pipe = self.client.pipeline(transaction=True)  # MULTI: the copies and the acks land together
+            for record in records:
+                pipe.xadd(self.config.dead, record, maxlen=self.config.dead_retain, approximate=True)
+            pipe.xack(stream, group, *(delivery.entry_id for delivery, _, _ in rejected))
             pipe.execute()
 
         self.retrying(op)
 
-    def requeue(self, stream: str, group: str, delivery: Delivery) -> str:
-        def op() -> list[Any]:
+    def requeue(self, stream: str, group: str, delivery: Delivery, consumer: str | None = None) -> str | None:
+        def op() -> list[Any] | None:
+            if consumer is not None and not self._holds(stream, group, consumer, delivery.entry_id):
+                return None
             pipe = self.client.pipeline(transaction=True)
             pipe.xadd(stream, {_DATA: delivery.data})
             pipe.xack(stream, group, delivery.entry_id)
             return pipe.execute()
 
-        return _str(self.retrying(op)[0])
+        result = self.retrying(op)
+        return None if result is None else _str(result[0])
+
+    def _holds(self, stream: str, group: str, consumer: str, entry_id: str) -> bool:
+        """Whether `consumer` holds `entry_id` (delivered to it, not acked). Checked before acting for a consumer,
+        and again when a lost connection re-runs the action: an entry claimed by another consumer is that one's, an
+        entry acked by an earlier run (whose reply was lost) is settled. WATCH cannot make the check and the action
+        one transaction (claims and acks do not touch the stream key): a claim landing in the sub-millisecond between
+        them still lets both act (the consumers' dedup keeps a copy from being processed twice)."""
+        held = self.client.xpending_range(stream, group, entry_id, entry_id, 1)
+        return bool(held) and _str(held[0]["consumer"]) == consumer
+
+    def publish_and_ack(
+        self,
+        stream: str,
+        payloads: Sequence[bytes],
+        source: Delivery,
+        group: str,
+        consumer: str,
+        counter: tuple[str, str, int] | None = None,
+    ) -> list[str] | None:
+        self._make_room(stream)
+
+        def op() -> list[Any] | None:
+            if not self._holds(source.stream, group, consumer, source.entry_id):
+                return None
+            pipe = self.client.pipeline(transaction=True)
+            for payload in payloads:
+                pipe.xadd(stream, {_DATA: payload})
+            if counter is not None:
+                pipe.hincrby(*counter)
+            pipe.xack(source.stream, group, source.entry_id)
+            pipe.xlen(stream)
+            return pipe.execute()
+
+        result = self.retrying(op)
+        if result is None:
+            return None
+        ids = [_str(i) for i in result[: len(payloads)]]
+        self._lengths[stream] = int(result[-1])
+        self._count(stream, "published", len(ids))
+        self._count(source.stream, "acked", 1)
+        return ids
 
     def _claim_stale(self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
         rows = self.retrying(lambda: self.client.xpending_range(stream, group, "-", "+", count, idle=min_idle_ms))

@@ -208,7 +208,7 @@ class ZmqTransport(Transport):
             )
         )
 
-    def requeue(self, stream: str, group: str, delivery: Delivery) -> str:
+    def requeue(self, stream: str, group: str, delivery: Delivery, consumer: str | None = None) -> str | None:
         entry_id = str(next(self._seq))
         with self._pull_lock:
             self._buffers[stream].append(Delivery(stream, entry_id, delivery.data, delivery.deliveries + 1))

@@ -98,3 +98,21 @@ def test_an_sglang_join_on_the_control_stream_adds_an_http_link(redis_server: An
         broadcaster.close()
         transport.close()
     assert [(link.name, link.url, link.n_ranks) for link in added] == [("sglang-0", "http://10.0.0.5:30000", 2)]
+
+
+def test_what_is_sent_is_a_copy_that_training_cannot_change(tmp_path: Path, monkeypatch: Any) -> None:
+    runtime = init_distributed(LearnerConfig())
+    policy = load_policy(str(build_demo_model(tmp_path / "m")), runtime)
+    broadcaster = Broadcaster(BroadcastConfig(master_port=0, join_poll_s=0.05), None, runtime, node_id="learner",
+                              dtype=torch.float32)  # fmt: skip
+    sent: list[dict[str, torch.Tensor]] = []
+    monkeypatch.setattr(broadcaster.sender, "update", lambda tensors, version: sent.append(tensors))
+    try:
+        broadcaster.publish(policy, 1, wait=True)
+        before = {k: v.clone() for k, v in sent[0].items()}
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(1.0)  # the next optimizer step, while the thread may still be sending version 1
+    finally:
+        broadcaster.close()
+    assert all(torch.equal(sent[0][k], before[k]) for k in before)
