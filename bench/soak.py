@@ -22,11 +22,13 @@ import argparse
 import contextlib
 import json
 import multiprocessing as mp
+import queue
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from typing import Any
@@ -111,6 +113,14 @@ class SoakSpec:
         return self.max_stream_length + self.producers * self.publish_batch
 
 
+def quarter_growth(samples: list[int]) -> int:
+    """How much a series grew from its second quarter (warmed up) to its last: the maxima of both (0 below 4)."""
+    if len(samples) < 4:
+        return 0
+    quarter = len(samples) // 4
+    return max(samples[-quarter:]) - max(samples[quarter : 2 * quarter])
+
+
 @dataclass
 class SoakResult:
     """What a run measured (see the module docstring); `rss` maps a process to its samples (bytes, in order)."""
@@ -142,12 +152,8 @@ class SoakResult:
         return self.throughput_last_10pct / max(self.throughput_first_10pct, 1e-9)
 
     def growth(self, name: str) -> int:
-        """How much `name`'s RSS grew from the second quarter of its samples (warmed up) to the last quarter."""
-        samples = self.rss[name]
-        if len(samples) < 4:
-            return 0
-        quarter = len(samples) // 4
-        return max(samples[-quarter:]) - max(samples[quarter : 2 * quarter] or samples[:quarter])
+        """How much `name`'s RSS grew (`quarter_growth`)."""
+        return quarter_growth(self.rss[name])
 
     def redis_other_growth(self) -> int:
         """Growth of Redis's used memory from the second quarter of the samples to the last, besides the dedup set
@@ -157,11 +163,7 @@ class SoakResult:
             tokens = sample["keys"] * self.settle_token_bytes  # nearly every key is a token
             return int(sample["used_memory"] - sample["dedup_ids"] * self.dedup_id_bytes - tokens)
 
-        samples = [other(s) for s in self.redis_memory]
-        if len(samples) < 4:
-            return 0
-        quarter = len(samples) // 4
-        return max(samples[-quarter:]) - max(samples[quarter : 2 * quarter])
+        return quarter_growth([other(s) for s in self.redis_memory])
 
     def window_shares(self, window: int) -> list[list[int]]:
         """Groups consumed per producer in consecutive windows of `window` consumed groups, counted while every
@@ -376,8 +378,9 @@ def run_soak(url: str, spec: SoakSpec, redis_pid: int | None = None) -> SoakResu
     started = time.monotonic()
     start.set()
     try:
-        sent = sorted((done.get(timeout=spec.timeout_s) for _ in producers), key=lambda r: r["index"])
-        ingested = report.get(timeout=spec.timeout_s)
+        everyone = [ingest, *producers]
+        sent = sorted(_receive(done, len(producers), everyone, spec.timeout_s), key=lambda r: r["index"])
+        [ingested] = _receive(report, 1, everyone, spec.timeout_s)
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         result.final_gauges = _scraped(metrics, stream)
         result.final_redis = (client.xlen(stream), int(client.xpending(stream, GROUP)["pending"]))
@@ -405,6 +408,22 @@ def run_soak(url: str, spec: SoakSpec, redis_pid: int | None = None) -> SoakResu
     result.dedup_id_bytes = int(client.memory_usage(dedup_key, samples=0) or 0) / max(ids, 1)
     client.close()
     return result
+
+
+def _receive(reports: Queue, count: int, processes: list[BaseProcess], timeout_s: float) -> list[dict[str, Any]]:
+    """`count` reports from `reports`; raises as soon as one of `processes` died (failed) or after `timeout_s`."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < count:
+        try:
+            out.append(reports.get(timeout=0.5))
+        except queue.Empty:
+            failed = [p for p in processes if p.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"soak process {failed[0].name} failed (exit code {failed[0].exitcode})") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"soak: {count - len(out)} reports missing after {timeout_s}s") from None
+    return out
 
 
 def _scraped(text: str, stream: str) -> tuple[float, float]:

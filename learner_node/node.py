@@ -18,6 +18,7 @@ Progress goes to structlog events on rank 0: "train_step" per step, "eval" per e
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import threading
@@ -159,12 +160,20 @@ class LearnerNode:
         else:
             dedup = MemoryDedup()
         self.dedup = dedup
+        # Token ids and lengths the model cannot take are refused at the door (dead-lettered with the rule), never
+        # handed to the embedding: one hostile id would otherwise kill every learner that reads it.
+        limits = settings.bus.limits()
+        model_config = self.policy.config
+        vocab = min(v for v in (limits.vocab_size, model_config.vocab_size) if v is not None)
+        max_tokens = min(limits.max_tokens, getattr(model_config, "max_position_embeddings", limits.max_tokens))
+        wanted_preferences = cfg.algorithm == "dpo" and cfg.dpo_source == "bus"
         self.consumer = MessageConsumer(
             self.transport,
             settings.bus.stream("trajectories"),
             "learner",
             self.node_id,
-            kinds=(Group, Trajectory, Preference),
+            limits=dataclasses.replace(limits, vocab_size=vocab, max_tokens=max_tokens),
+            kinds=(Preference,) if wanted_preferences else (Group, Trajectory),
             dedup=dedup,
         )
         admission_key = f"{settings.bus.prefix}admission:{settings.run.name}"

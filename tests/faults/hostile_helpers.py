@@ -157,8 +157,8 @@ class Fuzzer:
         """`count` broken messages of random categories. Deep nesting is rarer than the rest only because it is the
         costly one to refuse (msgpack builds its 1024 levels first, ~0.2 ms): that keeps a flood's run short."""
         makers = (self._random_bytes, self._truncated, self._deep, self._huge_length, self._mutated, self._wrong_kind,
-                  self._no_data_field)  # fmt: skip
-        weights = np.array([3, 3, 1, 2, 8, 2, 2], dtype=float)
+                  self._no_data_field, self._oversized)  # fmt: skip
+        weights = np.array([3, 3, 1, 2, 8, 2, 2, 0.05], dtype=float)  # oversized ones are few: each is 64 KiB
         return [makers[i]() for i in self.rng.choice(len(makers), size=count, p=weights / weights.sum())]
 
     def _random_bytes(self) -> Hostile:
@@ -205,6 +205,12 @@ class Fuzzer:
         else:
             message = Heartbeat(node_id="intruder", role="rollout")
         return Hostile.of("wrong_kind", _data(encode(message)), INVALID, 1, ("kind",))
+
+    def _oversized(self) -> Hostile:
+        """A group over max_message_bytes (refused on its size, before parsing)."""
+        wire = self.wire()
+        wire["meta"] = {"blob": "x" * self.limits.max_message_bytes}
+        return Hostile.of("oversized", _data(msgpack.packb(wire)), INVALID, 2, ("data",))
 
     def _no_data_field(self) -> Hostile:
         return Hostile.of("no_data_field", {b"payload": self.encoded()}, INVALID, 1, ("entry",))

@@ -1,10 +1,11 @@
 """A flood of hostile messages on the trajectories stream while a real learner trains on a real rollout node's groups.
 
-Random bytes, truncated msgpack, deep nesting, huge declared lengths, wrong types, NaN/inf, token ids beyond the
-vocabulary, mismatched lengths, duplicate ids, unknown and misplaced kinds, entries without a `data` field, version-0
-groups replayed when the learner is past max_staleness, lone trajectories, exact replays of a valid group and groups
-re-sending trajectory ids that were trained already - XADDed straight to the stream in bursts, as a hostile producer
-would (no SDK, no backpressure). Each burst is checked as it settles (the dead stream is capped at a few bursts):
+Random bytes, truncated msgpack, deep nesting, huge declared lengths, messages over max_message_bytes, wrong types,
+NaN/inf, token ids beyond the vocabulary, mismatched lengths, duplicate ids, unknown and misplaced kinds, entries
+without a `data` field, version-0 groups replayed when the learner is past max_staleness, lone trajectories, exact
+replays of a valid group and groups re-sending trajectory ids that were trained already - XADDed straight to the
+stream in bursts, as a hostile producer would (no SDK, no backpressure). Each burst is checked as it settles (the
+dead stream is capped at a few bursts):
 
 - every broken message is in the dead stream once, its reason naming the broken field (dead == bad sent);
 - stale and incomplete ones are dead-lettered with those reasons; exact replays are acked and never counted; ids

@@ -1,8 +1,8 @@
 """Messages that are valid on the wire but that this learner cannot use must be dead-lettered, not trained on.
 
 Both tests run a learner with its configured defaults (no `bus.vocab_size`, the default consumer kinds), fed valid
-groups by the test (far-future versions, so none turns stale). Both are known gaps of learner_node (see
-docs/reliability.md): strict xfail, so each turns into a failure the day it is fixed and the marker must go.
+groups by the test (far-future versions, so none turns stale): the learner takes the vocabulary and context length
+from its model, and the message kinds from its algorithm.
 """
 
 from __future__ import annotations
@@ -30,9 +30,6 @@ def start_learner(cluster: Cluster, payloads: list[bytes]) -> Node:
     return cluster.learner()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="learner_node does not set bus.vocab_size from its model: the ids reach the embedding"
-)
 @pytest.mark.timeout(120)
 def test_token_ids_beyond_the_models_vocabulary_are_dead_lettered_not_trained(
     make_cluster: Callable[..., Cluster],
@@ -48,7 +45,6 @@ def test_token_ids_beyond_the_models_vocabulary_are_dead_lettered_not_trained(
     assert record.reason.startswith("trajectories[0].response_ids: token id 100000 >= vocab_size")
 
 
-@pytest.mark.xfail(strict=True, reason="learner_node accepts preference messages whatever its algorithm")
 @pytest.mark.timeout(120)
 def test_a_preference_sent_to_a_grpo_learner_is_dead_lettered_not_counted_as_trained(
     make_cluster: Callable[..., Cluster],
