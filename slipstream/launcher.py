@@ -175,7 +175,8 @@ class Cluster:
 
         settings_cls = LearnerSettings if command == "learner" else RolloutSettings
         argv = [sys.executable, "-m", "slipstream", command, "--config", self.config_path]
-        argv += overrides_for(settings_cls, self.overrides)
+        # Each child's own telemetry port comes last: a user's --telemetry.port must not give two nodes one port.
+        argv += overrides_for(settings_cls, self.overrides) + ["--telemetry.port", env["SLIPSTREAM_TELEMETRY__PORT"]]
         log_file = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the child
         stderr = subprocess.PIPE if pipe else log_file
         self.children[name] = proc = subprocess.Popen(argv, env=env, stdout=log_file, stderr=stderr)
