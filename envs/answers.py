@@ -3,7 +3,9 @@
 `math_equivalent` uses math_verify (sympy), whose timeouts are SIGALRM alarms: they only work on the main thread.
 `fallback_equivalent` is the sympy-free comparison used off the main thread, or when math_verify times out or
 fails: exact rational comparison of numbers written as integers, decimals, "a/b" or "\\frac{a}{b}", else a
-whitespace- and "$"-insensitive string comparison. It cannot hang.
+whitespace- and "$"-insensitive string comparison. It cannot hang. It finds numbers by math_verify's rules (see
+`_NUMBER_TOKEN`) so that a reward does not depend on the thread that scores it; where math_verify knows more
+(symbolic equality, evaluating "3+4"), the fallback rejects rather than guesses.
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+)"
 _FRAC = re.compile(rf"(-?)\\[dt]?frac\{{({_NUM})\}}\{{({_NUM})\}}")
 _RATIO = re.compile(rf"({_NUM})/({_NUM})")
-_NUMBER_TOKEN = re.compile(rf"-?\\[dt]?frac\{{{_NUM}\}}\{{{_NUM}\}}|{_NUM}(?:/{_NUM})?")
+# A number in a completion, found as math_verify's expression extractor finds one, so that the fallback accepts no
+# answer that math_verify rejects: it starts the text or follows whitespace, "=" or "$" (a currency or LaTeX
+# delimiter), so "x7", "+7" and "(7)" hold no number; it does not go on with more digits after "," or "." ("7,8" is
+# 7.8 to math_verify). An arithmetic expression ("3 + 4", "2^3", "1/2") is one token: `to_fraction` reads a ratio
+# and rejects the rest, which math_verify would evaluate and the fallback cannot.
+_UNSIGNED = _NUM.removeprefix("[-+]?")
+_OPS = r"+\-*/^×÷"
+_EXPRESSION = rf"\(?-?\d[\d.,\s{_OPS}()]*[{_OPS}][\d.,\s{_OPS}()]*\d\)?"
+_NUMBER_TOKEN = re.compile(
+    rf"(?:^|(?<=[\s=$]))(?:-?\\[dt]?frac\{{{_NUM}\}}\{{{_NUM}\}}|{_EXPRESSION}|-?{_UNSIGNED})(?![.,]?\d)"
+)
 
 
 def extract_answer(text: str, how: Extract) -> str | None:
@@ -72,8 +84,9 @@ def _squash(text: str) -> str:
 
 
 def fallback_equivalent(prediction: str, gold: str) -> bool:
-    """Sympy-free equivalence: numeric gold is compared exactly with the last number (or \\boxed{}) of the
-    prediction; other gold is compared as a string, ignoring whitespace, "$" and case."""
+    """Sympy-free equivalence: numeric gold is compared exactly with the last number (see `_NUMBER_TOKEN`) of the
+    prediction's last \\boxed{} or, without one, of the whole prediction; other gold is compared as a string,
+    ignoring whitespace, "$" and case."""
     gold_answer = last_boxed(gold) or gold
     gold_value = to_fraction(gold_answer)
     region = last_boxed(prediction) or prediction

@@ -32,12 +32,17 @@ class _Model(BaseModel):
 
 
 class ArithmeticConfig(_Model):
-    """The `arithmetic` task: prompts "a<op>b=" with answer the result, e.g. "3+4=" -> "7"."""
+    """The `arithmetic` task: prompts "a<op>b=" with answer the result, e.g. "3+4=" -> "7", "max(3,8)=" -> "8"."""
 
-    ops: list[Literal["+", "-", "*"]] = Field(["+"], min_length=1, max_length=3, description="operators to draw from")
+    ops: list[Literal["+", "-", "*", "max", "min"]] = Field(
+        ["+"], min_length=1, max_length=5, description="operators to draw from (max and min read 'max(3,8)=')"
+    )
     min_operand: int = Field(0, ge=0, le=99, description="smallest operand")
     max_operand: int = Field(9, ge=0, le=99, description="largest operand (9 = single digits)")
     allow_negative: bool = Field(True, description="keep subtractions whose result is negative")
+    max_result: int | None = Field(
+        None, ge=0, le=10_000, description="keep only problems whose result is at most this (9: one-digit answers)"
+    )
 
     @model_validator(mode="after")
     def _range(self) -> ArithmeticConfig:
@@ -97,6 +102,11 @@ class TaskConfig(_Model):
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds the synthetic sample, the eval split and shuffling")
     shuffle: bool = Field(True, description="shuffle the train split each epoch (eval keeps its order)")
+    balance: Literal["none", "answer"] = Field(
+        "none",
+        description="train draw: 'answer' serves every distinct ground truth equally often (skewed answers otherwise "
+        "teach a policy learning from reward alone to guess the most common one)",
+    )
     epochs: int = Field(0, ge=0, le=1_000_000, description="passes over the train split; 0 = repeat forever")
     arithmetic: ArithmeticConfig = Field(default_factory=ArithmeticConfig, description="source='arithmetic' options")
     reverse: ReverseConfig = Field(default_factory=ReverseConfig, description="source='reverse' options")

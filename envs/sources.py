@@ -123,7 +123,8 @@ def load_rows(cfg: TaskConfig, split: Split) -> list[PromptRow]:
 
 
 def build_dataset(cfg: TaskConfig, split: Split = "train", tokenizer: Any | None = None) -> PromptDataset:
-    """The split as a PromptDataset: train shuffles per `cfg.shuffle` for `cfg.epochs`; eval is one ordered pass.
+    """The split as a PromptDataset: train shuffles per `cfg.shuffle` (or balances answers) for `cfg.epochs`; eval is
+    one ordered pass.
 
     With a tokenizer, rows whose rendered prompt exceeds `format.max_prompt_length` are dropped (and logged).
     """
@@ -137,4 +138,4 @@ def build_dataset(cfg: TaskConfig, split: Split = "train", tokenizer: Any | None
         raise ValueError(f"task split {split!r} has no rows (source {cfg.source!r}, eval_fraction {cfg.eval_fraction})")
     if split == "eval":
         return PromptDataset(rows, shuffle=False, seed=cfg.seed, epochs=1)
-    return PromptDataset(rows, shuffle=cfg.shuffle, seed=cfg.seed, epochs=cfg.epochs)
+    return PromptDataset(rows, shuffle=cfg.shuffle, seed=cfg.seed, epochs=cfg.epochs, balance=cfg.balance == "answer")

@@ -37,6 +37,25 @@ def test_epochs_reshuffle_and_stop() -> None:
     assert [r.id for r in ordered] == ["0", "1", "2"]
 
 
+def test_balanced_epochs_serve_every_answer_equally_often_and_resume() -> None:
+    # 1 row answers "a", 3 answer "b", 8 answer "c": shuffled epochs would serve "c" 8 times as often as "a".
+    skewed = [
+        PromptRow(id=f"{gt}{i}", prompt="p", meta={"ground_truth": gt})
+        for gt, n in (("a", 1), ("b", 3), ("c", 8))
+        for i in range(n)
+    ]
+    data = PromptDataset(skewed, shuffle=True, seed=5, epochs=0, balance=True)
+    drawn = [next(data) for _ in range(12 * 5)]
+    counts = {gt: sum(r.meta["ground_truth"] == gt for r in drawn) for gt in "abc"}
+    assert counts == {"a": 20, "b": 20, "c": 20}
+    assert {r.id for r in drawn if r.meta["ground_truth"] == "c"} == {f"c{i}" for i in range(8)}  # every row served
+    state = data.state_dict()
+    expected = [next(data).id for _ in range(15)]
+    resumed = PromptDataset(skewed, shuffle=True, seed=5, epochs=0, balance=True)
+    resumed.load_state_dict(state)
+    assert [next(resumed).id for _ in range(15)] == expected
+
+
 def test_state_from_another_dataset_is_refused() -> None:
     state = PromptDataset(rows(5), shuffle=True, seed=1, epochs=0).state_dict()
     with pytest.raises(ValueError, match="seed is 1 in the checkpoint but 2 now"):
@@ -66,6 +85,13 @@ def test_arithmetic_options_shape_the_problem_space() -> None:
     cfg = TaskConfig(arithmetic={"ops": ["-"], "min_operand": 2, "max_operand": 4, "allow_negative": False})
     everything = load_rows(cfg.model_copy(update={"eval_fraction": 0.0}), "train")
     assert sorted(r.prompt for r in everything) == ["2-2=", "3-2=", "3-3=", "4-2=", "4-3=", "4-4="]
+    larger = TaskConfig(arithmetic={"ops": ["max", "min"], "max_operand": 2}, eval_fraction=0.0)
+    assert {r.prompt: r.meta["ground_truth"] for r in load_rows(larger, "train")}["max(2,1)="] == "2"
+    assert {r.prompt: r.meta["ground_truth"] for r in load_rows(larger, "train")}["min(2,1)="] == "1"
+    one_digit = TaskConfig(arithmetic={"max_result": 3}, eval_fraction=0.0)
+    assert sorted(r.prompt for r in load_rows(one_digit, "train")) == [
+        f"{a}+{b}=" for a in range(4) for b in range(4) if a + b <= 3
+    ]
     with pytest.raises(ValidationError, match=r"min_operand \(5\) must be <= max_operand \(4\)"):
         TaskConfig(arithmetic={"min_operand": 5, "max_operand": 4})
 

@@ -21,7 +21,7 @@ from envs import (
     TaskConfig,
     UserFunction,
 )
-from envs.answers import fallback_equivalent, to_fraction
+from envs.answers import fallback_equivalent, math_equivalent, to_fraction
 
 
 def test_exact_match_normalisation_options() -> None:
@@ -60,6 +60,69 @@ def test_math_answer_off_the_main_thread_uses_the_sympy_free_fallback() -> None:
     worker.start()
     worker.join(timeout=30)
     assert results == [[1.0, 1.0, 0.0, 1.0, 0.0]]
+
+
+# (completion, gold, expected): plain numeric answers that math_verify (main thread) and the fallback (worker
+# threads) must score alike; a number glued to a letter or sign before it is not an answer.
+SAME_ON_EVERY_THREAD = [
+    ("7", "7", 1.0),
+    ("x7", "7", 0.0),
+    ("a7", "7", 0.0),
+    ("abc7def", "7", 0.0),
+    ("\\boxed{x7}", "7", 0.0),
+    ("$x7$", "7", 0.0),
+    ("+7", "7", 0.0),
+    ("(7)", "7", 0.0),
+    ("-7", "7", 0.0),
+    ("7x", "7", 1.0),
+    ("I get 7 apples", "7", 1.0),
+    ("x = 7", "7", 1.0),
+    ("\\boxed{7}", "7", 1.0),
+    ("$7$", "7", 1.0),
+    ("the answer: 7.", "7", 1.0),
+    ("7.0", "7", 1.0),
+    ("14/2", "7", 1.0),
+    ("0.5", "1/2", 1.0),
+    ("The answer is $\\frac{1}{2}$.", "0.5", 1.0),
+    ("So it is \\boxed{\\frac{2}{4}}", "0.5", 1.0),
+    ("$-\\frac{1}{2}$", "-0.5", 1.0),
+    ("about 1,000.", "1000", 1.0),
+    ("x = 1,2", "12", 0.0),
+    ("7,8", "8", 0.0),
+    ("3+4", "4", 0.0),
+    ("2^3", "3", 0.0),
+    ("7 - 3 = 4", "4", 1.0),
+    ("5 minus 3 gives 2", "5", 0.0),
+]
+
+
+def _score_on_a_worker_thread(completions: list[str], golds: list[str]) -> list[float]:
+    results: list[list[float]] = []
+    worker = threading.Thread(target=lambda: results.append(MathAnswer()(completions, ground_truth=golds)))
+    worker.start()
+    worker.join(timeout=30)
+    assert len(results) == 1, "the worker thread did not finish scoring"
+    return results[0]
+
+
+def test_math_answer_scores_plain_numbers_alike_on_the_main_and_a_worker_thread() -> None:
+    completions, golds = [c for c, _, _ in SAME_ON_EVERY_THREAD], [g for _, g, _ in SAME_ON_EVERY_THREAD]
+    main = MathAnswer()(completions, ground_truth=golds)
+    worker = _score_on_a_worker_thread(completions, golds)
+    assert list(zip(completions, golds, main, strict=True)) == SAME_ON_EVERY_THREAD
+    assert list(zip(completions, golds, worker, strict=True)) == SAME_ON_EVERY_THREAD
+
+
+def test_the_fallback_accepts_nothing_that_math_verify_rejects() -> None:
+    """Where math_verify knows more (it evaluates "3+4"), the fallback may reject; it never accepts more."""
+    cases = [
+        ("3+4", "7"), ("3+4", "3"), ("5 - 7", "-2"), ("5 - 7", "7"), ("2^3", "8"), ("2^3", "2"), ("7,8", "7"),
+        ("1,5", "1.5"), ("1/2/3", "1/2"), ("7 * 2", "14"), ("7*2", "7"), ("y7z", "7"), ("x:7", "7"), ("_7", "7"),
+    ]  # fmt: skip
+    for prediction, gold in cases:
+        assert math_equivalent(prediction, gold, timeout_s=5) or not fallback_equivalent(prediction, gold), (
+            f"fallback accepts {prediction!r} for {gold!r}; math_verify rejects it"
+        )
 
 
 def test_fallback_parses_numbers_exactly() -> None:
