@@ -15,6 +15,7 @@ length and pending gauges.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ class Received:
 
 
 class MessageConsumer:
-    """One consumer of a consumer group on one stream. Not thread-safe: one consumer per polling thread."""
+    """One consumer of a consumer group on one stream. One thread polls; any thread may settle what it handed out
+    (ack, nack, requeue, forget) meanwhile."""
 
     def __init__(
         self,
@@ -66,6 +68,7 @@ class MessageConsumer:
         # Message id -> entry id of the messages handed out and not yet acked, nacked or requeued: a re-read of
         # the same entry is not handed out twice, and another entry with the same id is a duplicate.
         self._in_flight: dict[str, str] = {}
+        self._in_flight_lock = threading.Lock()  # one thread polls while others ack, nack, requeue or forget
         self._next_claim = self._next_stats = time.monotonic()
         transport.ensure_group(stream, group)
 
@@ -103,12 +106,20 @@ class MessageConsumer:
         self.transport.ack(self.stream, self.group, [r.entry_id for r in items])
         self._release(items)
 
-    def nack(self, received: Received, reason: str) -> None:
-        """Unusable after all (e.g. too stale to train on): move it to the dead stream with `reason`."""
-        delivery = Delivery(self.stream, received.entry_id, received.data, received.deliveries)
-        producer = getattr(received.message, "producer", None)
-        self.transport.dead_letter(self.stream, self.group, delivery, reason, producer)
-        self._release([received])
+    def nack(self, received: Received | Sequence[Received], reason: str) -> None:
+        """Unusable after all (e.g. too stale to train on): move it to the dead stream with `reason`; several
+        entries go in one `dead_letter_many` call (one round trip on Redis), however many there are."""
+        items = [received] if isinstance(received, Received) else list(received)
+        rejected = [
+            (
+                Delivery(self.stream, r.entry_id, r.data, r.deliveries),
+                reason,
+                getattr(r.message, "producer", None) or "",
+            )
+            for r in items
+        ]
+        self.transport.dead_letter_many(self.stream, self.group, rejected)
+        self._release(items)
 
     def requeue(self, received: Received) -> str | None:
         """Give it back for any consumer of the group (e.g. this node is shutting down); returns the new entry id, or
@@ -129,9 +140,10 @@ class MessageConsumer:
         BUS_PENDING.labels(self.stream, self.group).set(self.transport.pending(self.stream, self.group))
 
     def _release(self, items: Sequence[Received]) -> None:
-        for r in items:
-            if r.id is not None and self._in_flight.get(r.id) == r.entry_id:
-                del self._in_flight[r.id]
+        with self._in_flight_lock:
+            for r in items:
+                if r.id is not None and self._in_flight.get(r.id) == r.entry_id:
+                    del self._in_flight[r.id]
 
     def _admit(self, deliveries: list[Delivery]) -> list[Received]:
         """Decode, validate and dedup; dead-letter what is unusable and ack duplicates."""
@@ -152,20 +164,22 @@ class MessageConsumer:
             decoded.append((d, message))
         self.transport.dead_letter_many(self.stream, self.group, rejected)
         ids = [getattr(m, "id", None) for _, m in decoded]
-        fresh = [i for i in ids if i is not None and i not in self._in_flight]
+        with self._in_flight_lock:
+            fresh = [i for i in ids if i is not None and i not in self._in_flight]
         marked = dict(zip(fresh, self.dedup.seen(fresh), strict=True)) if self.dedup is not None and fresh else {}
         out: list[Received] = []
         duplicates: list[str] = []
-        for (d, message), mid in zip(decoded, ids, strict=True):
-            if mid is not None:
-                held = self._in_flight.get(mid)
-                if held == d.entry_id:
-                    continue  # re-read of an entry the application still holds
-                if held is not None or marked.get(mid):
-                    duplicates.append(d.entry_id)
-                    continue
-                self._in_flight[mid] = d.entry_id
-            out.append(Received(d.entry_id, message, d.deliveries, d.data))
+        with self._in_flight_lock:
+            for (d, message), mid in zip(decoded, ids, strict=True):
+                if mid is not None:
+                    held = self._in_flight.get(mid)
+                    if held == d.entry_id:
+                        continue  # re-read of an entry the application still holds
+                    if held is not None or marked.get(mid):
+                        duplicates.append(d.entry_id)
+                        continue
+                    self._in_flight[mid] = d.entry_id
+                out.append(Received(d.entry_id, message, d.deliveries, d.data))
         if duplicates:
             BUS_MESSAGES.labels(self.stream, "duplicate").inc(len(duplicates))
             log.info("duplicates acked", stream=self.stream, count=len(duplicates))

@@ -87,7 +87,8 @@ class EmbeddedRedis:
             raise ValueError(f"startup_timeout_s: must be > 0, got {startup_timeout_s}")
         self.port = port
         self._own_dir = data_dir is None
-        self.data_dir = Path(data_dir) if data_dir is not None else None
+        # Absolute: the server runs in its data dir, where a relative --dir (runs/demo/redis) would not exist.
+        self.data_dir = Path(data_dir).absolute() if data_dir is not None else None
         self.appendfsync = appendfsync
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen[bytes] | None = None

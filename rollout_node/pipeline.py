@@ -40,7 +40,7 @@ from telemetry.metrics import ROLLOUT_ENGINE_ERRORS, ROLLOUT_GENERATION_DURATION
 
 log = structlog.get_logger(__name__)
 
-POLL_BLOCK_MS = 250  # a poll holds the consumer lock this long at most, so acks from the scorer are not held up
+POLL_BLOCK_MS = 250  # how long one poll waits for tasks before the loop looks at the stop flag again
 VERSION_POLL_S = 0.05  # how often a task waiting for its min_version looks at the engine's version
 FAILURES_KEPT = 10_000  # task ids whose engine failures on this node are remembered
 Spawn = Callable[[Callable[[], None], str], threading.Thread]  # starts a thread the node joins when it closes
@@ -80,7 +80,7 @@ class TaskPipeline:
         self.engine, self.tokenizer, self.rewards = engine, tokenizer, rewards
         self.consumer, self.publisher = consumer, publisher
         self._stop_taking, self._closing, self._touch_bus = stop_taking, closing, touch_bus
-        self._lock = threading.Lock()  # the consumer (not thread-safe) and the tasks in hand
+        self._lock = threading.Lock()  # the tasks in hand (the consumer is safe to poll while others settle)
         self._in_hand: dict[str, Job | Received] = {}  # entry id -> what this node holds
         self._failures: OrderedDict[str, int] = OrderedDict()  # task id -> engine failures here
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=self.config.queue_size)
@@ -132,14 +132,18 @@ class TaskPipeline:
     def _take(self) -> list[Job]:
         """Poll up to `tasks_per_call` tasks and turn them into jobs; a task whose prompt cannot be used is
         dead-lettered with the reason."""
+        if self._stop_taking.is_set():
+            return []
+        # The poll waits outside the lock: the scorer settles (acks with their groups) the tasks before these
+        # meanwhile, so the last groups of a batch are not held up by a wait for the next batch's tasks.
+        block_ms = min(self.settings.bus.block_ms, POLL_BLOCK_MS)
+        received = self.consumer.poll(count=self.config.tasks_per_call, block_ms=block_ms)
+        self._touch_bus()
         with self._lock:
-            if self._stop_taking.is_set():
-                return []
-            block_ms = min(self.settings.bus.block_ms, POLL_BLOCK_MS)
-            received = self.consumer.poll(count=self.config.tasks_per_call, block_ms=block_ms)
-            self._touch_bus()
-            for r in received:
-                self._in_hand[r.entry_id] = r
+            self._in_hand.update((r.entry_id, r) for r in received)
+        if self._stop_taking.is_set():  # the node began to stop during the poll: the next node gets these now
+            self._release([r.entry_id for r in received], "shutdown")
+            return []
         ROLLOUT_TASKS_CONSUMED.inc(len(received))
         jobs = []
         for r in received:

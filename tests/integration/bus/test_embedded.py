@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -36,6 +37,23 @@ def test_starts_answers_and_cleans_up_after_itself(require_service) -> None:  # 
         client.close()
     assert process is not None and process.poll() is not None
     assert data_dir is not None and not data_dir.exists()
+
+
+def test_a_relative_data_dir_is_taken_from_where_it_was_given(
+    require_service,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    # `slipstream up` with the demo config passes runs/demo/redis: the server runs inside its data dir, where that
+    # relative path does not exist.
+    try:
+        find_redis_server()
+    except EmbeddedRedisError as exc:
+        require_service(False, str(exc))
+    monkeypatch.chdir(tmp_path)
+    with EmbeddedRedis(data_dir="runs/demo/redis") as server:
+        assert redis.Redis.from_url(server.url).ping()
+    assert (tmp_path / "runs" / "demo" / "redis" / "redis.log").is_file()  # it ran there
 
 
 def test_server_dies_with_its_owner_even_on_sigkill() -> None:
