@@ -21,7 +21,8 @@ Entries re-delivered as copies of what was settled already are released without 
 once). Other transports than Redis have no hash: only the Prometheus counters count there.
 
 The admission's state lives next to it, in the hash `<prefix>admission:<run>` (see admission.py): written with each
-batch of tasks (`publish_tasks`, one MULTI), its `trained` and `dropped` task counters moved by the same
+batch of tasks (`publish_tasks`, one MULTI with a one-time token of the batch, checked before a retry, so a batch
+whose reply was lost is not published twice), its `trained` and `dropped` task counters moved by the same
 transactions as the trajectory counts.
 """
 
@@ -47,7 +48,11 @@ from telemetry.metrics import BUS_MESSAGES, LEARNER_DROPPED_SAMPLES
 log = structlog.get_logger(__name__)
 
 LEARNER_REASONS = ("stale", "incomplete_group")  # reasons of the learner's own dead letters ("<reason>: detail")
-SETTLE_TOKEN_TTL_S = 86_400
+CONSUMER_REASONS = ("invalid", "poison")  # the consumer's dead letters: a broken message, or too many deliveries
+# Every reason a trajectory is dropped for: the `dropped:<reason>` fields of the hash and the `reason` label values of
+# slipstream_learner_dropped_samples_total (telemetry creates each series at 0, so rate() and alerts see a first drop).
+DROP_REASONS = ("duplicate", *LEARNER_REASONS, *CONSUMER_REASONS)
+TOKEN_TTL_S = 86_400  # one-time tokens (settles, batches of tasks) outlive any retry by far
 # KEYS[1] a one-time token, KEYS[2..] hashes; ARGV[1] the token's ttl, then (hash index in KEYS, field, amount)
 # triples. The HINCRBYs run once per token, however often the transaction holding the script is retried.
 _GUARDED_HINCRBY = """
@@ -94,6 +99,7 @@ class Ledger:
         self.key = f"{prefix}accounting"
         self.admission_key = admission_key or f"{prefix}admission"  # the admission's state and task counters
         self.cursor_key = f"{prefix}accounting:dead_cursor"
+        self.publish_token_key = f"{self.admission_key}:publish_token"  # the last batch of tasks published
         self._token_prefix = f"{prefix}accounting:settled:"
         self.redis = transport if isinstance(transport, RedisTransport) else None
         self.client: Any = self.redis.client if self.redis is not None else None
@@ -123,7 +129,7 @@ class Ledger:
                     self.dedup.mark(ids, pipeline=pipe)
                 pipe.xack(self.stream, self.group, *[r.entry_id for r in received])
                 keys = [token, self.key, self.admission_key]
-                self._guarded(keys=keys, args=[SETTLE_TOKEN_TTL_S, *amounts], client=pipe)
+                self._guarded(keys=keys, args=[TOKEN_TTL_S, *amounts], client=pipe)
                 pipe.execute()
 
             self.redis.retrying(op)
@@ -135,15 +141,15 @@ class Ledger:
         return counts
 
     def drop(self, units: Sequence[Unit], reason: str, detail: str) -> None:
-        """Dead-letter every entry of `units` with "<reason>: <detail>" (counted later by `scan_dead`)."""
+        """Dead-letter every entry of `units` with "<reason>: <detail>" in one round trip (counted later by
+        `scan_dead`): a burst of stale groups must not cost a round trip each."""
         if reason not in LEARNER_REASONS:
             raise ValueError(f"reason: must be one of {LEARNER_REASONS}, got {reason!r}")
-        for unit in units:
-            for received in unit.received:
-                self.consumer.nack(received, f"{reason}: {detail}")
-            if self.redis is None:
-                self._local[f"dropped:{reason}"] += unit.size
-                LEARNER_DROPPED_SAMPLES.labels(reason=reason).inc(unit.size)
+        self.consumer.nack([r for unit in units for r in unit.received], f"{reason}: {detail}")
+        if self.redis is None:
+            size = sum(unit.size for unit in units)
+            self._local[f"dropped:{reason}"] += size
+            LEARNER_DROPPED_SAMPLES.labels(reason=reason).inc(size)
 
     def release(self, copies: Sequence[Received]) -> None:
         """Ack re-delivered copies of settled entries without counting them."""
@@ -202,18 +208,34 @@ class Ledger:
 
     def publish_tasks(self, stream: str, tasks: Sequence[Task], state: dict[str, Any]) -> None:
         """Put `tasks` on `stream` and store the admission `state` after them in the admission hash, in one
-        transaction (without Redis: publish only; nothing survives the process then)."""
+        transaction (without Redis: publish only; nothing survives the process then).
+
+        The transaction also stores a token of this batch under `publish_token_key`; a retry (the connection was
+        lost, perhaps after the transaction ran and before its reply came) first checks that token, under WATCH, and
+        publishes nothing when the batch is there already: no task is published twice. One writer (rank 0) per run.
+        """
         payloads = [encode(t, limits=self.transport.config.limits()) for t in tasks]
         if self.redis is None:
             self.transport.publish(stream, payloads)
             return
+        token = new_id()
 
         def op() -> None:
-            pipe = self.client.pipeline(transaction=True)
-            for payload in payloads:
-                pipe.xadd(stream, {b"data": payload})
-            pipe.hset(self.admission_key, mapping=state)
-            pipe.execute()
+            with self.client.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        pipe.watch(self.publish_token_key)  # the first attempt's EXEC landing late aborts this one
+                        if pipe.get(self.publish_token_key) == token.encode():
+                            return  # published by an attempt whose reply was lost
+                        pipe.multi()
+                        for payload in payloads:
+                            pipe.xadd(stream, {b"data": payload})
+                        pipe.hset(self.admission_key, mapping=state)
+                        pipe.set(self.publish_token_key, token, ex=TOKEN_TTL_S)
+                        pipe.execute()
+                        return
+                    except WatchError:
+                        continue
 
         self.redis.retrying(op)
         BUS_MESSAGES.labels(stream, "published").inc(len(payloads))

@@ -141,6 +141,9 @@ class LearnerConfig(Section):
         "grpo", description="group baseline: the group mean (grpo) or the mean of the others (rloo)"
     )
     beta: float = Field(0.0, ge=0, le=100, description="KL coefficient to the frozen initial policy (0: no reference)")
+    entropy_coef: float = Field(
+        0.0, ge=0, le=10, description="weight of an entropy bonus on trained tokens (keeps a policy exploring; 0: off)"
+    )
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator when beta > 0")
     ppo_epochs: int = Field(
         1,

@@ -6,6 +6,10 @@ then the partial group trains if it has at least `min_group_size` members, else 
 "incomplete_group". A `preference` message is a unit of its own (DPO).
 
 Units keep the bus entries they came from (`received`): the rank that consumed an entry settles it after the step.
+
+`collect` stops reading once the units held for a step and the buffered singles (`group_size` of them to a unit) reach
+the assembler's `capacity`: a flood of groups stays on the stream, unread, where it fills the stream up to
+`bus.max_stream_length` and makes the producers wait, instead of filling the learner's memory.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bus.consumer import Received
+from bus.consumer import MessageConsumer, Received
 from bus.schema import Group, Preference, Trajectory
 
 Clock = Callable[[], float]
@@ -76,11 +80,20 @@ class _Pending:
 class GroupAssembler:
     """Collects consumed messages into units (see the module docstring). Not thread-safe: one per polling thread."""
 
-    def __init__(self, group_size: int, min_group_size: int, timeout_s: float, clock: Clock = time.monotonic):
+    def __init__(
+        self,
+        group_size: int,
+        min_group_size: int,
+        timeout_s: float,
+        clock: Clock = time.monotonic,
+        capacity: int | None = None,
+    ):
         if not 1 <= min_group_size <= group_size:
             raise ValueError(f"min_group_size: must be in [1, group_size={group_size}], got {min_group_size}")
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"capacity: must be >= 1 unit (None: unbounded), got {capacity}")
         self.group_size, self.min_group_size, self.timeout_s = group_size, min_group_size, timeout_s
-        self.clock = clock
+        self.clock, self.capacity = clock, capacity
         self._ready: list[Unit] = []
         self._incomplete: list[Unit] = []
         self._pending: dict[str, _Pending] = {}
@@ -89,6 +102,22 @@ class GroupAssembler:
     def buffered(self) -> int:
         """Single trajectories waiting for the rest of their group."""
         return sum(len(p.received) for p in self._pending.values())
+
+    def full(self, held: int) -> bool:
+        """Whether `held` units (taken, not trained yet) and the buffered singles (`group_size` to a unit) reach
+        `capacity`."""
+        return self.capacity is not None and held + self.buffered // self.group_size >= self.capacity
+
+    def collect(self, consumer: MessageConsumer, held: int, block_ms: int) -> tuple[list[Unit], list[Unit]]:
+        """Poll `consumer` unless `full(held)`, add what came, then `take()`. One poll reads up to `consume_batch`
+        entries (not fewer: most of a flood may be broken messages that only need dead-lettering), so what is held
+        stays below `capacity + consume_batch` units. When full nothing is read: the entries wait on the stream,
+        undelivered, for this rank or another."""
+        if self.full(held):
+            time.sleep(block_ms / 1000)  # as long as the poll would have waited: the caller's loop must not spin
+        else:
+            self.add(consumer.poll(block_ms=block_ms))
+        return self.take()
 
     def add(self, items: Sequence[Received]) -> None:
         """Take consumed messages (groups, trajectories, preferences)."""

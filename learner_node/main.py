@@ -27,9 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from learner_node.node import LearnerNode
+    from telemetry.tracking import TrackingError
 
     hf_logging.disable_progress_bar()  # bars on stderr would break the JSON log lines `slipstream up` reads
-    return LearnerNode(settings, resume=args.resume).run()
+    try:
+        node = LearnerNode(settings, resume=args.resume)
+    except TrackingError as exc:  # a sink the config asks for cannot start: a setup error, not a crash
+        print(f"slipstream learner: {exc}", file=sys.stderr)
+        return 2
+    return node.run()
 
 
 if __name__ == "__main__":

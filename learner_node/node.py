@@ -13,7 +13,8 @@ One loop per rank (all ranks in lockstep; rank 0 also admits tasks and reports):
    async mode, and waits in sync mode); evals and checkpoints at their intervals.
 
 Progress goes to structlog events on rank 0: "train_step" per step, "eval" per evaluation and "summary" at the end
-(JSON lines on stderr under SLIPSTREAM_LOG_FORMAT=json: `slipstream up` renders them).
+(JSON lines on stderr under SLIPSTREAM_LOG_FORMAT=json: `slipstream up` renders them); the metrics of the first two
+also go to TensorBoard / wandb when `[telemetry.tracking]` turns them on (`telemetry/tracking.py`).
 """
 
 from __future__ import annotations
@@ -60,8 +61,14 @@ from learner_node.trainer import Trainer
 from telemetry import metrics as m
 from telemetry.logs import configure_logging, set_policy_version
 from telemetry.node import start_node_telemetry
+from telemetry.tracking import NullTracker, Tracker, setup_tracking
 
 log = structlog.get_logger(__name__)
+
+# A rank holds at most this many steps' worth of groups (read, not trained yet); the rest waits unread on the stream.
+# Two keep the next step's batch ready while one is formed; more would only age in memory and hold entries whose
+# lease can run out.
+READY_STEPS = 2
 
 
 class StopRun(Exception):
@@ -86,9 +93,16 @@ class LearnerNode:
         self.node_id = f"learner-{self.rank}"
         self.started = time.monotonic()
         self.telemetry = None
+        self.tracker: Tracker = NullTracker()
         if self.rank == 0:
             self.telemetry = start_node_telemetry(
                 settings.telemetry, role="learner", node_id=self.node_id, readiness=self._readiness
+            )
+            self.tracker = setup_tracking(
+                settings.telemetry.tracking,
+                run_name=settings.run.name,
+                run_dir=settings.run.output_dir,
+                hparams=settings.model_dump(mode="json"),
             )
         else:
             configure_logging(settings.telemetry.log_format, settings.telemetry.log_level, node_id=self.node_id)
@@ -178,7 +192,9 @@ class LearnerNode:
         )
         admission_key = f"{settings.bus.prefix}admission:{settings.run.name}"
         self.ledger = Ledger(self.transport, self.consumer, dedup, admission_key)
-        self.assembler = GroupAssembler(cfg.num_generations, cfg.min_group_size, cfg.group_timeout_s)
+        self.assembler = GroupAssembler(
+            cfg.num_generations, cfg.min_group_size, cfg.group_timeout_s, capacity=READY_STEPS * cfg.groups_per_step
+        )
         self.ready: list[Unit] = []
         self.admission: Admission | None = None
         self.dataset = build_dataset(settings.task, "train", self.tokenizer)
@@ -300,9 +316,9 @@ class LearnerNode:
                 raise StopRun(f"no step possible for {cfg.data_timeout_s:.0f}s (learner.data_timeout_s)", failed=True)
 
     def _collect(self, block_ms: int) -> None:
-        """Poll once, assemble groups, drop what is incomplete or too stale."""
-        self.assembler.add(self.consumer.poll(block_ms=block_ms))
-        ready, incomplete = self.assembler.take()
+        """Poll once (not while the groups held fill the assembler's capacity), assemble groups, drop what is
+        incomplete or too stale."""
+        ready, incomplete = self.assembler.collect(self.consumer, len(self.ready), block_ms)
         if incomplete:
             self._drop(incomplete, "incomplete_group", f"fewer than min_group_size ({self.cfg.min_group_size})")
         self.ready += ready
@@ -373,7 +389,8 @@ class LearnerNode:
         """Metrics and the "train_step" line (rank 0; the batch is global, so these numbers are too)."""
         samples = [s for u in units for s in u.samples]
         rewards = np.array([s.reward for s in samples] or [0.0])
-        lags = np.array([self.version - 1 - s.min_policy_version for s in samples] or [0])
+        lengths = np.array([len(s.response_ids) for s in samples] or [0])
+        lags = staleness(self.version - 1, samples)
         tokens = sum(_tokens(u) for u in units)
         loss_tokens = sum(len(s.response_ids) if s.loss_mask is None else int(s.loss_mask.sum()) for s in samples)
         duplicates = sum(u.duplicates for u in units)
@@ -401,11 +418,15 @@ class LearnerNode:
             m.LEARNER_STALENESS.observe(float(lag))
         m.LEARNER_STEP_DURATION.observe(seconds)
         m.LEARNER_LAST_STEP_TIMESTAMP.set(time.time())
-        log.info(
+        self._emit(
             "train_step",
             step=self.step,
             version=self.version,
             reward_mean=round(float(rewards.mean()), 4),
+            reward_std=round(float(rewards.std()), 4),
+            completion_length_mean=round(float(lengths.mean()), 2),
+            completion_length_min=int(lengths.min()),
+            completion_length_max=int(lengths.max()),
             loss=round(metrics.get("loss", 0.0), 5),
             staleness_mean=round(float(lags.mean()), 3),
             staleness_max=int(lags.max()),
@@ -427,8 +448,13 @@ class LearnerNode:
         self.eval_accuracy = result["eval_accuracy"]
         if self.rank == 0:
             m.LEARNER_EVAL_ACCURACY.set(self.eval_accuracy)
-            log.info("eval", step=self.step, version=self.version, elapsed=round(time.monotonic() - self.started, 2),
-                     **{k: round(v, 4) for k, v in result.items()})  # fmt: skip
+            self._emit("eval", step=self.step, version=self.version, elapsed=round(time.monotonic() - self.started, 2),
+                       **{k: round(v, 4) for k, v in result.items()})  # fmt: skip
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        """A progress event (rank 0): its log line, which `slipstream up` renders, and its metrics to the trackers."""
+        log.info(event, **fields)
+        self.tracker.record(event, fields, step=self.step)
 
     def _checkpoint(self) -> None:
         if self._checkpointed == self.step:
@@ -486,10 +512,18 @@ class LearnerNode:
         """Release the broadcast, the bus, the telemetry server and the process group."""
         self.broadcaster.close()
         self.transport.close()
+        self.tracker.close()
         if self.telemetry is not None:
             self.telemetry.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def staleness(version: int, samples: list[Trajectory]) -> np.ndarray:
+    """Policy versions each sample lags `version` (the weights that trained it), int64 [B] ([1] zero when empty).
+    Never negative: a sample of a version the learner has not reached (one generated before the learner resumed
+    from an older checkpoint) is as fresh as can be, and a negative lag would pull the reported mean below the truth."""
+    return np.array([max(0, version - s.min_policy_version) for s in samples] or [0], dtype=np.int64)
 
 
 def _tokens(unit: Unit) -> int:

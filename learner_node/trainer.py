@@ -34,6 +34,7 @@ from learner_node.algorithms import (
     kl_penalty,
     online_dpo_pairs,
     policy_loss,
+    token_entropy,
     token_logprobs,
     value_loss,
     vtrace,
@@ -294,6 +295,10 @@ class Trainer:
             importance_floor=cfg.importance_floor, importance_sampling_level=cfg.importance_sampling_level,
             loss_agg=cfg.loss_agg, max_tokens=cfg.max_new_tokens, logits=logits,
         )  # fmt: skip
+        if cfg.entropy_coef > 0:
+            # A bonus, so minus: a prompt whose samples all agree gives GRPO nothing to compare; this keeps them apart.
+            entropy = aggregate_loss(token_entropy(logits), batch.mask, cfg.loss_agg, cfg.max_new_tokens)
+            loss = loss - cfg.entropy_coef * entropy
         metrics["policy_loss"] = metrics.pop("loss")
         del metrics["tokens"]  # a count, not a mean: the node counts the step's tokens itself
         if cfg.beta > 0:

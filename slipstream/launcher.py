@@ -4,23 +4,22 @@
     learner   = python -m slipstream learner --config C [learner overrides]      (telemetry port P)
     rollout i = python -m slipstream rollout --config C [rollout overrides]      (telemetry port P + 1 + i)
 
-Every child reads the same TOML; the launcher hands each only the CLI overrides of sections it has, and the
-addresses it made up (bus URL, broadcast port, telemetry ports) through SLIPSTREAM_* environment variables. It
-renders the learner's progress events (JSON log lines on its stderr) and ends with a summary whose last line holds
-`eval_accuracy=<value>` and the elapsed seconds. Children are stopped (SIGTERM, then SIGKILL) when the learner
-ends, when one fails, or on Ctrl-C; the embedded Redis goes with them.
+Every child reads the same TOML; the launcher hands each only the CLI overrides of sections it has, the addresses
+it made up (bus URL, broadcast port) through SLIPSTREAM_* environment variables, and last on its command line what
+must differ per child (telemetry port, node id). It renders the learner's progress events (JSON log lines on its
+stderr; `slipstream.progress`): a live table when stdout is a terminal, a line per step and evaluation otherwise. It
+ends with a summary whose last line holds `eval_accuracy=<value>` and the elapsed seconds. Children are stopped
+(SIGTERM, then SIGKILL) when the learner ends, when one fails, or on Ctrl-C; the embedded Redis goes with them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,6 +28,7 @@ from pydantic import Field
 
 from bus.config import BusConfig
 from bus.settings import ModelConfig, NodeSettings, RunConfig, Section, parse_overrides
+from slipstream.progress import Progress, View, follow, make_view
 from telemetry.config import TelemetryConfig
 
 log = structlog.get_logger(__name__)
@@ -73,53 +73,6 @@ def overrides_for(settings_cls: type[NodeSettings], overrides: list[str]) -> lis
     return kept
 
 
-@dataclass
-class Progress:
-    """What the launcher knows of the run, from the learner's events."""
-
-    target_accuracy: float | None = None
-    started: float = field(default_factory=time.monotonic)
-    reached_target_s: float | None = None  # elapsed seconds at the first eval at or above target_accuracy
-    step: int = 0
-    last: dict[str, Any] = field(default_factory=dict)
-    eval_accuracy: float | None = None
-    first_eval_accuracy: float | None = None
-    summary: dict[str, Any] | None = None
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def take(self, event: dict[str, Any]) -> str | None:
-        """Fold one learner log event in; return the progress line to show, if any."""
-        name = event.get("event")
-        if name == "train_step":
-            self.step = int(event.get("step", self.step))
-            self.last = event
-            return (
-                f"step {self.step:>5}  v{event.get('version', '?'):<4} reward {_num(event.get('reward_mean'))}  "
-                f"loss {_num(event.get('loss'))}  staleness {_num(event.get('staleness_mean'))}"
-                f"/{event.get('staleness_max', '?')}  tok/s {_num(event.get('tokens_per_s'), 0)}  "
-                f"eval {_num(self.eval_accuracy)}  {self.elapsed():6.1f}s"
-            )
-        if name == "eval":
-            self.eval_accuracy = float(event["eval_accuracy"])
-            if self.first_eval_accuracy is None:
-                self.first_eval_accuracy = self.eval_accuracy
-            target = self.target_accuracy
-            if target is not None and self.reached_target_s is None and self.eval_accuracy >= target:
-                self.reached_target_s = self.elapsed()
-            return f"eval  step {event.get('step', self.step):>5}  eval_accuracy={self.eval_accuracy:.3f}"
-        if name == "summary":
-            self.summary = event
-            if event.get("eval_accuracy") is not None:
-                self.eval_accuracy = float(event["eval_accuracy"])
-        return None
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    return "   -  " if value is None else f"{float(value):6.{digits}f}"
-
-
 class Cluster:
     """The child processes of one `slipstream up` and the embedded Redis they share."""
 
@@ -131,6 +84,8 @@ class Cluster:
         self.overrides = overrides
         self.out = out
         self.progress = progress
+        self.view: View | None = None  # made when the learner starts: a live table on a terminal, lines otherwise
+        self._follower: threading.Thread | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.log_dir = Path(settings.up.log_dir or Path(settings.run.output_dir) / "logs")
         self._redis: Any = None
@@ -152,11 +107,10 @@ class Cluster:
         broadcast_port = str(free_port())
         env["SLIPSTREAM_BROADCAST__MASTER_PORT"] = env["SLIPSTREAM_WEIGHTS__MASTER_PORT"] = broadcast_port
         base_port = self.settings.telemetry.port
-        self._spawn("learner", "learner", env | {"SLIPSTREAM_TELEMETRY__PORT": str(base_port)}, pipe=True)
+        self._spawn("learner", "learner", env, ["--telemetry.port", str(base_port)], pipe=True)
         for i in range(self.settings.up.rollout_nodes):
-            port = str(base_port + 1 + i)
-            node_env = env | {"SLIPSTREAM_TELEMETRY__PORT": port, "SLIPSTREAM_ROLLOUT__NODE_ID": f"rollout-{i}"}
-            self._spawn(f"rollout-{i}", "rollout", node_env, pipe=False)
+            own = ["--telemetry.port", str(base_port + 1 + i), "--rollout.node_id", f"rollout-{i}"]
+            self._spawn(f"rollout-{i}", "rollout", env, own, pipe=False)
 
     def _prepare_model(self) -> None:
         path = Path(self.settings.model.path)
@@ -169,37 +123,30 @@ class Cluster:
         build_demo_model(path, **self.settings.up.demo_model)
         print(f"built the demo model in {path}", file=self.out)
 
-    def _spawn(self, name: str, command: str, env: dict[str, str], *, pipe: bool) -> None:
+    def _spawn(self, name: str, command: str, env: dict[str, str], own: list[str], *, pipe: bool) -> None:
+        """Start one child. `own` (its telemetry port, node id) goes last on its command line, so it wins over the
+        user's overrides of the same fields: two nodes never share a port or an id."""
         from learner_node.config import LearnerSettings
         from rollout_node.config import RolloutSettings
 
         settings_cls = LearnerSettings if command == "learner" else RolloutSettings
         argv = [sys.executable, "-m", "slipstream", command, "--config", self.config_path]
-        # Each child's own telemetry port comes last: a user's --telemetry.port must not give two nodes one port.
-        argv += overrides_for(settings_cls, self.overrides) + ["--telemetry.port", env["SLIPSTREAM_TELEMETRY__PORT"]]
+        argv += overrides_for(settings_cls, self.overrides) + own
         log_file = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the child
         stderr = subprocess.PIPE if pipe else log_file
         self.children[name] = proc = subprocess.Popen(argv, env=env, stdout=log_file, stderr=stderr)
-        if pipe:
-            threading.Thread(target=self._follow, args=(proc, log_file), daemon=True, name=f"follow-{name}").start()
+        if pipe:  # the learner: its log goes to its file, its progress to the view
+            self.view = make_view(self.out, self.progress)
+            kwargs = {"copy_to": log_file}
+            self._follower = threading.Thread(target=follow, args=(proc.stderr, self.view), kwargs=kwargs, daemon=True)
+            self._follower.start()
 
-    def _follow(self, proc: subprocess.Popen[bytes], log_file: IO[bytes]) -> None:
-        """Copy the learner's log to its file and show its progress events."""
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            log_file.write(raw)
-            log_file.flush()
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                continue
-            if not isinstance(event, dict):
-                continue
-            line = self.progress.take(event)
-            if line:
-                print(line, file=self.out, flush=True)
-            elif event.get("level") in ("error", "critical"):
-                print(f"learner {event.get('level')}: {event.get('event')}", file=self.out, flush=True)
+    def _say(self, text: str) -> None:
+        """A line for the person: above the live table while there is one."""
+        if self.view is not None:
+            self.view.note(text)
+        else:
+            print(text, file=self.out, flush=True)
 
     # --- run and stop -----------------------------------------------------------------------------------------
     def wait(self) -> int:
@@ -212,10 +159,10 @@ class Cluster:
                 return code
             for name, proc in self.children.items():
                 if name != "learner" and proc.poll() is not None:
-                    print(f"{name} exited with {proc.returncode}; see {self.log_dir / (name + '.log')}", file=self.out)
+                    self._say(f"{name} exited with {proc.returncode}; see {self.log_dir / (name + '.log')}")
                     return 1
             if time.monotonic() > deadline:
-                print(f"timeout after {self.settings.up.timeout_s:.0f}s", file=self.out)
+                self._say(f"timeout after {self.settings.up.timeout_s:.0f}s")
                 return 124
             time.sleep(0.2)
         return 130
@@ -236,19 +183,15 @@ class Cluster:
             self._redis.stop()
 
     def report(self, code: int) -> None:
-        p = self.progress
-        summary = p.summary or {}
-        accounting = summary.get("accounting")
+        """Plain lines under the view (a live table stays as it was last drawn): accounting, then `done: ...`."""
+        if self._follower is not None:  # the learner has ended: its last lines (the summary) are on their way
+            self._follower.join(timeout=STOP_GRACE_S)
+        if self.view is not None:
+            self.view.close()
+        accounting = (self.progress.summary or {}).get("accounting")
         if accounting:
             print("accounting: " + " ".join(f"{k}={v}" for k, v in sorted(accounting.items())), file=self.out)
-        start = "-" if p.first_eval_accuracy is None else f"{p.first_eval_accuracy:.3f}"
-        accuracy = "nan" if p.eval_accuracy is None else f"{p.eval_accuracy:.3f}"
-        print(
-            f"done: exit={code} steps={summary.get('steps', p.step)} eval_accuracy_start={start} "
-            f"eval_accuracy={accuracy} elapsed_s={p.elapsed():.1f}",
-            file=self.out,
-            flush=True,
-        )
+        print(self.progress.done_line(code), file=self.out, flush=True)
 
 
 def run_cluster(

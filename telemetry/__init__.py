@@ -4,8 +4,9 @@
 - `telemetry.metrics`: every Prometheus metric, on the isolated `REGISTRY`; `set_node_info`.
 - `telemetry.server`: `TelemetryServer`, serving /metrics and /healthz.
 - `telemetry.logs`: `configure_logging`, `set_policy_version`, `bind_context` (structlog).
-- `telemetry.config`: `TelemetryConfig`, the `[telemetry]` section of a node's settings.
+- `telemetry.config`: `TelemetryConfig`, the `[telemetry]` section of a node's settings (and its `tracking`).
 - `telemetry.node`: `start_node_telemetry`, the three above in one call.
+- `telemetry.tracking`: `setup_tracking`, the learner's metrics to TensorBoard / wandb under TRL-like keys.
 
 Imports nothing of Slipstream's own: every other package may import it.
 """

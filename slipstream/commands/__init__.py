@@ -36,4 +36,3 @@ def load_or_exit(cls: type[S], args: argparse.Namespace, command: str) -> S:
     with exit_on_config_error(command):
         settings = load_settings(cls, args.config, list(getattr(args, "overrides", [])))
     return settings
-

@@ -21,17 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bus.settings import load_settings
-    from slipstream.launcher import UpSettings, run_cluster
+    from slipstream.launcher import UpSettings, overrides_for, run_cluster
 
     overrides = list(args.overrides)
     if args.mode:
         overrides += ["--learner.mode", args.mode]
-    with exit_on_config_error("up"):  # a malformed override fails in overrides_for_up already
-        settings = load_settings(UpSettings, args.config, overrides_for_up(overrides))
+    with exit_on_config_error("up"):  # a malformed override fails in overrides_for already
+        settings = load_settings(UpSettings, args.config, overrides_for(UpSettings, overrides))
     return run_cluster(settings, args.config, overrides)
-
-
-def overrides_for_up(overrides: list[str]) -> list[str]:
-    from slipstream.launcher import UpSettings, overrides_for
-
-    return overrides_for(UpSettings, overrides)

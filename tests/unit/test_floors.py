@@ -36,4 +36,3 @@ def test_imports_only_go_down(package: str) -> None:
         for path in sorted((ROOT / package).rglob("*.py"))
     }
     assert {k: v for k, v in wrong.items() if v} == {}
-

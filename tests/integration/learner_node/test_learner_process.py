@@ -54,6 +54,8 @@ def test_learner_trains_what_is_published_and_accounts_for_all_of_it(
     steps = learner.named("train_step")
     assert [e["step"] for e in steps] == list(range(1, 11))
     assert all(e["staleness_max"] <= 1 for e in steps)  # max_staleness = 1: pacing kept it, or the filter dropped
+    # The group sent twice claims a version 100 ahead of the learner: it is fresh (lag 0), not 100 versions negative.
+    assert all(e["staleness_mean"] >= 0 for e in steps), [e["staleness_mean"] for e in steps]
     summary = summary_of(learner)
     accounting = summary["accounting"]
     # The version-0 group is stale; the other groups are paced to lag <= 1, but an extra group takes a step's slot

@@ -3,12 +3,17 @@ invalid messages counted too, retried transactions counted once, and published =
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
 import redis
+from prometheus_client import generate_latest
 
 from bus.codec import encode
 from bus.config import BusConfig
@@ -17,8 +22,9 @@ from bus.dedup import RedisDedup
 from bus.producer import Producer
 from bus.schema import Group, Preference, Task, Trajectory
 from bus.transport import setup_transport
-from learner_node.accounting import Ledger, dead_reason, trajectory_count
+from learner_node.accounting import DROP_REASONS, Ledger, dead_reason, trajectory_count
 from learner_node.groups import GroupAssembler, Unit
+from telemetry import metrics
 
 
 @pytest.fixture
@@ -124,6 +130,96 @@ def test_a_settle_retried_after_a_lost_reply_counts_once(bus: Any, monkeypatch: 
     assert lost and ledger.totals() == {"published": 2, "trained": 2}
 
 
+class ReplyLosingProxy:
+    """A TCP proxy in front of a real Redis. Armed, it passes on the next client write that holds an EXEC and then
+    closes that connection instead of passing back the server's answer: the transaction ran, its reply was lost.
+    Other connections (the client's reconnection) pass through untouched."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.armed = threading.Event()
+        self.lost = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(("127.0.0.1", self.redis_port))
+            exec_sent = threading.Event()
+            threading.Thread(target=self._upstream, args=(client, server, exec_sent), daemon=True).start()
+            threading.Thread(target=self._downstream, args=(server, client, exec_sent), daemon=True).start()
+
+    def _upstream(self, client: socket.socket, server: socket.socket, exec_sent: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if self.armed.is_set() and b"EXEC" in data:
+                    self.armed.clear()
+                    exec_sent.set()
+                server.sendall(data)
+
+    def _downstream(self, server: socket.socket, client: socket.socket, exec_sent: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if exec_sent.is_set():  # the server answered the transaction: it ran
+                    self.lost.set()
+                    break
+                client.sendall(data)
+        for sock in (client, server):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def lossy_bus(redis_server: Any) -> Iterator[tuple[BusConfig, Any, ReplyLosingProxy]]:
+    """A transport that talks to a real Redis through a `ReplyLosingProxy`."""
+    proxy = ReplyLosingProxy(redis_server.port)
+    config = BusConfig(url=proxy.url, block_ms=50, reconnect_min_s=0.01)
+    transport = setup_transport(config)
+    yield config, transport, proxy
+    transport.close()
+    proxy.close()
+
+
+def test_tasks_retried_after_a_lost_reply_are_published_once(lossy_bus: Any, redis_server: Any) -> None:
+    config, transport, proxy = lossy_bus
+    consumer = MessageConsumer(transport, config.stream("trajectories"), "learner", "learner-0")
+    ledger = Ledger(transport, consumer, None, admission_key="slipstream:admission:run")
+    tasks = [Task(id=f"run:abc:0:{i}", prompt=f"{i}+1=", n=2) for i in range(3)]
+    state = {"nonce": "abc", "epoch": 0, "index": 3, "seed": 0, "size": 9, "published": 3, "trained": 0, "dropped": 0}
+    proxy.armed.set()
+    ledger.publish_tasks(config.stream("tasks"), tasks, state)
+    assert proxy.lost.is_set(), "the transaction's reply was not lost: nothing was retried"
+    direct = redis.Redis.from_url(redis_server.url)
+    assert direct.xlen(config.stream("tasks")) == 3  # not 6: the retry found the batch's token and stopped
+    assert ledger.admission_state() == {k: str(v) for k, v in state.items()}
+
+    ledger.publish_tasks(config.stream("tasks"), tasks[:1], {**state, "index": 4, "published": 4})  # the next batch
+    assert direct.xlen(config.stream("tasks")) == 4
+
+
+def test_a_drop_dead_letters_all_its_entries_in_one_transaction(bus: Any) -> None:
+    config, transport = bus
+    ledger, consumer = make_ledger(config, transport)
+    producer = Producer(transport, config.stream("trajectories"), "agent")
+    for _ in range(3):
+        publish_group(producer, transport.client, 2)
+    ready, _ = take_units(consumer)
+    transport.client.config_resetstat()
+    ledger.drop(ready, "stale", "lag 3 > 2")
+    stats = transport.client.info("commandstats")
+    assert (stats["cmdstat_exec"]["calls"], stats["cmdstat_xadd"]["calls"]) == (1, 3)
+    assert transport.length(config.dead) == 3 and transport.pending(config.stream("trajectories"), "learner") == 0
+
+
 def test_duplicate_members_are_counted_with_the_trained_ones(bus: Any) -> None:
     config, transport = bus
     ledger, consumer = make_ledger(config, transport)
@@ -141,6 +237,15 @@ def test_dead_letter_helpers() -> None:
     assert trajectory_count(msgpack.packb({"kind": "group", "trajectories": [{}, {}, {}]})) == 3
     one = Trajectory("t", "g", "p", np.array([1], np.int32), np.array([2], np.int32), np.array([-1.0], np.float32))
     assert trajectory_count(encode(one)) == 1
+
+
+def test_every_drop_reason_is_declared_and_its_series_exists_before_the_first_drop() -> None:
+    dead_letters = ("stale: lag 3", "incomplete_group: 1 < 2", "deliveries: 6 > 5", "bad field")
+    assert {dead_reason(r) for r in dead_letters} | {"duplicate"} == set(DROP_REASONS)
+    assert set(metrics.DROP_REASONS) == set(DROP_REASONS)
+    exposed = generate_latest(metrics.REGISTRY).decode()
+    for reason in DROP_REASONS:
+        assert f'slipstream_learner_dropped_samples_total{{reason="{reason}"}} ' in exposed, reason
 
 
 def test_admission_state_goes_with_its_tasks_and_counts_their_groups(bus: Any) -> None:

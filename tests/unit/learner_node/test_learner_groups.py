@@ -1,11 +1,19 @@
-"""Group assembly: whole groups at once, single trajectories by group_id with a timeout, trained-id checks."""
+"""Group assembly: whole groups at once, single trajectories by group_id with a timeout, trained-id checks, and
+reading no more than the capacity from a real Redis."""
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Iterator
+from typing import Any
 
-from bus.consumer import Received
+import numpy as np
+import pytest
+
+from bus.config import BusConfig
+from bus.consumer import MessageConsumer, Received
+from bus.producer import Producer
 from bus.schema import Group, Preference, Trajectory
+from bus.transport import setup_transport
 from learner_node.groups import GroupAssembler, Unit, drop_repeats, split_trained
 
 
@@ -93,3 +101,51 @@ def test_drop_repeats_keeps_the_first_copy_of_each_message() -> None:
     other = Unit("h", [traj("b", "h")], ["h"])
     kept, repeats = drop_repeats([first, other, mine])
     assert kept == [first, other] and [r.entry_id for r in repeats] == ["9-0"]
+
+
+@pytest.fixture
+def trajectories(redis_server: Any) -> Iterator[tuple[Any, str, Producer, MessageConsumer]]:
+    """(transport, trajectories stream, a producer, the learner's consumer) on a real Redis."""
+    config = BusConfig(url=redis_server.url, block_ms=50, consume_batch=4)
+    transport = setup_transport(config)
+    stream = config.stream("trajectories")
+    yield transport, stream, Producer(transport, stream, "agent"), MessageConsumer(transport, stream, "learner", "l-0")
+    transport.close()
+
+
+def member(producer: Producer, group_id: str = "") -> Trajectory:
+    one = producer.trajectory(prompt_ids=[1], response_ids=[2], logprobs=[-1.0], reward=0.0)
+    one.group_id = group_id or one.group_id
+    return one
+
+
+def test_a_flood_of_groups_waits_unread_on_the_stream_beyond_the_capacity(trajectories: Any) -> None:
+    transport, stream, producer, consumer = trajectories
+    groups = [producer.group([member(producer), member(producer)]) for _ in range(40)]
+    producer.send_many(groups)
+    assembler = GroupAssembler(group_size=2, min_group_size=2, timeout_s=30.0, capacity=6)
+    held: list[Unit] = []
+    for _ in range(5):  # a learner that cannot train as fast as groups arrive
+        ready, incomplete = assembler.collect(consumer, len(held), block_ms=0)
+        held += ready
+        assert not incomplete
+    # Polls of consume_batch (4) entries until 6 are held: 8, below capacity + consume_batch.
+    assert [u.key for u in held] == [g.id for g in groups[:8]] and assembler.full(len(held))
+    assert transport.pending(stream, "learner") == 8  # the other 32 were not delivered: no lease runs on them
+    assert transport.length(stream) == 40 and transport.length(transport.config.dead) == 0  # and none dropped
+
+    consumer.ack([r for u in held[:4] for r in u.received])  # a step trained four: room to read again
+    held = held[4:] + assembler.collect(consumer, len(held) - 4, block_ms=0)[0]
+    assert [u.key for u in held] == [g.id for g in groups[4:12]]
+    assert transport.pending(stream, "learner") == 8
+
+
+def test_buffered_single_trajectories_count_towards_the_capacity_a_group_at_a_time(trajectories: Any) -> None:
+    transport, stream, producer, consumer = trajectories
+    producer.send_many([member(producer, group) for group in ("A", "B", "C", "D", "A", "B")])
+    assembler = GroupAssembler(group_size=2, min_group_size=2, timeout_s=30.0, capacity=2)
+    for _ in range(3):
+        assert assembler.collect(consumer, 0, block_ms=0) == ([], [])
+    # Four singles of four groups are two groups' worth: full, and the second members of A and B wait unread.
+    assert assembler.buffered == 4 and assembler.full(0)
+    assert transport.pending(stream, "learner") == 4

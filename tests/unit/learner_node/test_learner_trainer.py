@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -103,6 +104,17 @@ def test_grpo_steps_raise_the_likelihood_of_rewarded_samples(model_path: str) ->
     assert {"loss", "policy_loss", "entropy", "clip_frac_low", "importance_weight_max", "grad_norm", "lr"} <= set(
         metrics
     )
+
+
+def test_entropy_bonus_keeps_the_policy_spread_out(model_path: str) -> None:
+    # Rewards that carry no signal (all equal): the policy term is 0, so only the bonus moves the weights.
+    flat = [Unit(u.key, [dataclasses.replace(s, reward=1.0) for s in u.samples]) for u in groups()]
+    plain, bonus = make_trainer(model_path, lr=3e-3), make_trainer(model_path, lr=3e-3, entropy_coef=1.0)
+    first = bonus.step(flat)
+    for _ in range(4):
+        still, last = plain.step(flat), bonus.step(flat)
+    assert still["grad_norm"] == pytest.approx(0.0, abs=1e-6)
+    assert last["entropy"] > first["entropy"] + 0.01 and last["loss"] < first["loss"]
 
 
 @pytest.mark.parametrize("advantage", ["gae", "vtrace"])
