@@ -264,7 +264,8 @@ def test_a_round_trip_with_every_role_on_its_own_credential(acl_server: AclServe
 
 def test_the_learner_ledger_settles_and_counts_on_the_learner_credential(acl_server: AclServer) -> None:
     """learner_node's accounting: MULTI with dedup marks, XACK and the guarded HINCRBY script; WATCH + XRANGE of the
-    dead stream + MULTI for the dropped counts; HGETALL; XINFO/XPENDING/XRANGE for the in-flight count."""
+    dead stream + MULTI for the dropped counts; HGETALL; XINFO/XPENDING/XRANGE for the in-flight count; tasks
+    published with the admission state and the batch token (WATCH + GET, then MULTI with XADD, HSET and SET)."""
     learner = acl_server.transport("learner")
     agent = acl_server.producer()
     kept, late = (agent.trajectory(prompt_ids=[1], response_ids=[2], logprobs=[-0.1], reward=1.0) for _ in range(2))
@@ -279,6 +280,8 @@ def test_the_learner_ledger_settles_and_counts_on_the_learner_credential(acl_ser
     assert ledger.scan_dead() == {"dropped:stale": 1}
     assert ledger.totals() == {"trained": 1, "dropped:stale": 1}
     assert ledger.in_flight() == 0 and dedup.seen([kept.id, late.id]) == [True, False]
+    ledger.publish_tasks(TASKS, [Task(id="run:abc:0:0", prompt="1+1=", n=2)], {"nonce": "abc", "published": 1})
+    assert ledger.admission_state() == {"nonce": "abc", "published": "1"} and learner.length(TASKS) == 1
 
 
 @pytest.mark.parametrize(("role", "stream", "writer"), [("learner", TRAJ, "rollout"), ("rollout", TASKS, "learner")])

@@ -1,16 +1,21 @@
 """Nodes on separate hosts that share nothing but two addresses: the Redis URL and the learner's broadcast address.
 
-Each "host" is its own network namespace (where `ip netns` works, i.e. as root), joined to the others by a bridge
-on a private subnet that exists only inside those namespaces; otherwise each host is a separate working directory
-and environment on this machine's loopback. Every host writes its own copy of the demo model. This is the recipe of
-docs/operations.md ("Separate hosts"), run for real: the learner trains on what the remote rollout node generates,
-and the rollout node receives its weights over the network.
+Each "host" is its own network namespace (where `ip netns` works, i.e. as root), joined to the others by a bridge on
+a private subnet that exists only inside those namespaces; otherwise each host is a separate working directory and
+environment on this machine's loopback. As on a real host, the machine's name resolves to the host's own address
+inside its namespace (`/etc/netns/<name>/hosts`, which `ip netns exec` mounts over /etc/hosts): gloo binds the
+address the host name resolves to, and torchrun decides by it which host holds the rendezvous store, so a name
+resolving to 127.0.0.1 in every namespace would make hosts that cannot reach each other's groups or store. Every
+host writes its own copy of the demo model. This is the recipe of docs/operations.md ("Separate hosts"), run for
+real: the learner trains on what the remote rollout node generates, and the rollout node receives its weights over
+the network.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +30,7 @@ from bus.embedded import find_redis_server, free_port
 
 REPO = Path(__file__).resolve().parents[3]
 SUBNET_PREFIX = "10.231.0."  # private; its addresses are configured inside the test's own namespaces only
+NETNS_ETC = Path("/etc/netns")  # files `ip netns exec NAME` mounts over /etc inside namespace NAME
 
 
 @dataclass
@@ -73,12 +79,14 @@ def make_hosts(tmp_path: Path) -> Iterator[Callable[[int], list[Host]]]:
             name, nic, port = f"{tag}h{i}", f"{tag}n{i}", f"{tag}p{i}"
             ip("netns", "add", name)
             namespaces.append(name)
+            address = f"{SUBNET_PREFIX}{i + 1}"
+            (NETNS_ETC / name).mkdir(parents=True)
+            (NETNS_ETC / name / "hosts").write_text(f"127.0.0.1 localhost\n{address} {socket.gethostname()}\n")
             ip("link", "add", nic, "type", "veth", "peer", "name", port)
             ip("link", "set", nic, "netns", name)
             ip("link", "set", port, "netns", switch)
             ip("-n", switch, "link", "set", port, "master", "br0")
             ip("-n", switch, "link", "set", port, "up")
-            address = f"{SUBNET_PREFIX}{i + 1}"
             ip("-n", name, "addr", "add", f"{address}/24", "dev", nic)
             ip("-n", name, "link", "set", nic, "up")
             ip("-n", name, "link", "set", "lo", "up")
@@ -88,6 +96,7 @@ def make_hosts(tmp_path: Path) -> Iterator[Callable[[int], list[Host]]]:
     yield make
     for name in reversed(namespaces):
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""docker-compose.yml: valid against the Compose spec, the services the issue asks for, commands the CLI accepts."""
+"""docker-compose.yml: valid against the Compose spec, the services the issue asks for, commands the CLI accepts;
+deploy/compose.acl.yml: the opt-in Redis ACL override, merged by docker-compose, each node on its own credential."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ SERVICES: dict[str, dict] = COMPOSE["services"]
 # Services that run a Slipstream image: its entrypoint is `slipstream`, the service's command is the arguments.
 NODE_SERVICES = sorted(name for name, s in SERVICES.items() if str(s.get("image", "")).startswith("slipstream:"))
 LONG_RUNNING = sorted(name for name in SERVICES if name != "demo-model")
+ACL_OVERRIDE = REPO / "deploy" / "compose.acl.yml"
+# Services that log in to Redis -> their role (the Redis user).
+ROLES = {"learner": "learner", "learner-gpu": "learner", "rollout": "rollout", "rollout-gpu": "rollout"}
 
 
 def compose_schema() -> dict:
@@ -123,3 +127,51 @@ def test_referenced_config_files_exist(name: str) -> None:
 def test_dockerfiles_of_the_build_sections_exist() -> None:
     for name in NODE_SERVICES:
         assert (REPO / SERVICES[name]["build"]["context"] / SERVICES[name]["build"]["dockerfile"]).is_file(), name
+
+
+def test_acl_override_is_valid_against_the_compose_spec_schema() -> None:
+    assert schema_errors(yaml.safe_load(ACL_OVERRIDE.read_text())) == []
+
+
+def merged_with_acl(profile: str, docker_compose: str) -> dict:
+    """`docker-compose -f docker-compose.yml -f deploy/compose.acl.yml --profile P config`, parsed."""
+    command = [docker_compose, "-f", "docker-compose.yml", "-f", str(ACL_OVERRIDE), "--profile", profile, "config"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def mounted(service: dict) -> set[str]:
+    return {s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])}
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_acl_override_loads_the_acl_file_in_redis_and_logs_each_node_in_as_its_role(
+    profile: str, tool: Callable[[str], str], check_setting: Callable[[str], list[str]]
+) -> None:
+    merged = merged_with_acl(profile, tool("docker-compose"))
+    assert schema_errors(merged) == []
+    services, secrets = merged["services"], merged["secrets"]
+    # Every secret is a file of the git-ignored secrets/ folder the commands in the override's header write.
+    assert {name: Path(s["file"]).relative_to(REPO).as_posix() for name, s in secrets.items()} == {
+        "redis-acl": "secrets/users.acl",
+        "redis-status": "secrets/status",
+        "redis-learner": "secrets/learner",
+        "redis-rollout": "secrets/rollout",
+    }
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[command.index("--aclfile") + 1] == "/run/secrets/redis-acl"
+    assert command[command.index("--appendonly") + 1] == "yes"  # the main file's persistence kept
+    assert mounted(redis) == {"redis-acl", "redis-status"}
+    test = redis["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL" and "/run/secrets/redis-status" in test[1] and "--user status" in test[1]
+    # docker-compose 1.x lists every service; Compose v2 only the profile's (and the profile-less ones).
+    assert {name for name in ROLES if name.endswith("-gpu") == (profile == "gpu")} <= set(services)
+    for name in (name for name in ROLES if name in services):
+        env, role = services[name]["environment"], ROLES[name]
+        assert env["SLIPSTREAM_BUS__USERNAME"] == role, name
+        assert env["SLIPSTREAM_BUS__PASSWORD_FILE"] == f"/run/secrets/redis-{role}", name
+        assert mounted(services[name]) == {f"redis-{role}"}, name  # its own password, nothing else
+        assert env["SLIPSTREAM_BUS__URL"] == "redis://redis:6379", name  # the main file's settings kept
+        assert [error for setting in env for error in check_setting(setting)] == []
