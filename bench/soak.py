@@ -224,8 +224,9 @@ def _config(url: str, spec: SoakSpec) -> BusConfig:
     )
 
 
-def _produce(url: str, spec: SoakSpec, index: int, start: Event, report: Queue) -> None:
-    """One producer: its share of the groups through the Producer SDK, a publish batch at a time."""
+def _produce(url: str, spec: SoakSpec, index: int, ready: Queue, start: Event, report: Queue) -> None:
+    """One producer: its share of the groups through the Producer SDK, a publish batch at a time; says `ready` once
+    its groups are built and waits for `start`, so that all producers begin sending together."""
     transport = setup_transport(_config(url, spec))
     stream = transport.config.stream("trajectories")
     producer = Producer(transport, stream, f"producer-{index}")
@@ -247,6 +248,7 @@ def _produce(url: str, spec: SoakSpec, index: int, start: Event, report: Queue) 
     batches = [[group() for _ in range(min(spec.publish_batch, groups - first))]
                for first in range(0, groups, spec.publish_batch)]  # fmt: skip
     longest = 0
+    ready.put({"index": index})
     start.wait()
     for batch in batches:
         producer.send_many(batch)
@@ -358,13 +360,14 @@ def _redis_memory(client: redis.Redis, stream: str, dedup_key: str) -> Callable[
 def run_soak(url: str, spec: SoakSpec, redis_pid: int | None = None) -> SoakResult:
     """One soak on the Redis at `url` (its slipstream:* keys are used; start from an empty one)."""
     result = SoakResult(spec)
-    ready, report, done = _CTX.Queue(), _CTX.Queue(), _CTX.Queue()
+    ready, report, done, producers_ready = _CTX.Queue(), _CTX.Queue(), _CTX.Queue(), _CTX.Queue()
     start, finish = _CTX.Event(), _CTX.Event()
     ingest = _CTX.Process(target=_ingest, args=(url, spec, ready, report, finish), daemon=True)
     ingest.start()
     port = ready.get(timeout=60)
     producers = [
-        _CTX.Process(target=_produce, args=(url, spec, i, start, done), daemon=True) for i in range(spec.producers)
+        _CTX.Process(target=_produce, args=(url, spec, i, producers_ready, start, done), daemon=True)
+        for i in range(spec.producers)
     ]
     for process in producers:
         process.start()
@@ -375,10 +378,13 @@ def run_soak(url: str, spec: SoakSpec, redis_pid: int | None = None) -> SoakResu
         pids["redis"] = redis_pid
     stream, dedup_key = config.stream("trajectories"), f"{config.prefix}dedup:learner"
     sampler = RssSampler(pids, extra=_redis_memory(client, stream, dedup_key))
-    started = time.monotonic()
-    start.set()
+    everyone = [ingest, *producers]
     try:
-        everyone = [ingest, *producers]
+        # 64 processes take seconds to connect and build their groups on two cores: the first ready must not start
+        # ahead of the others, or it is served ahead of them (the fairness windows measure the bus, not the start).
+        _receive(producers_ready, len(producers), everyone, spec.timeout_s)
+        started = time.monotonic()
+        start.set()
         sent = sorted(_receive(done, len(producers), everyone, spec.timeout_s), key=lambda r: r["index"])
         [ingested] = _receive(report, 1, everyone, spec.timeout_s)
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text

@@ -9,8 +9,8 @@ Ledger.settle + scan_dead, as learner_node does them; the learner has no train-l
   agree with XLEN and XPENDING at every refresh and, scraped from /metrics, at the end. Throughput and how well it
   holds are recorded (`record_property`) and measured by `slipstream bench soak`, not asserted.
 - 64 producer processes (simulated agents) competing for a small stream: none starves (every group consumed), and
-  over consecutive windows of consumed groups, taken while every producer still had groups to send, each one's share
-  stays within a bound of the fair share.
+  over consecutive windows of consumed groups, taken once the stream first filled and while every producer still had
+  groups to send, each one's share stays within a bound of the fair share.
 
 Redis runs with production durability (appendfsync everysec): the shared `redis_server` fixture fsyncs before every
 reply, for crash tests, which would make these measure the disk.
@@ -31,7 +31,7 @@ from bus.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
 
 RSS_FLAT = 32 * MiB  # growth allowed from the second quarter of a run to its last (allocator noise, warm caches)
 PRODUCERS = 64
-GROUPS_EACH = 128
+GROUPS_EACH = 256
 WINDOW = 32 * PRODUCERS  # consumed groups per fairness window: a fair share of 32 each
 
 
@@ -122,11 +122,13 @@ def test_64_producer_processes_are_all_served_and_share_the_consumer_fairly(
     assert result.accounting == {"trained": spec.trajectories}
     assert result.backpressure_wait_s > 0 and result.longest_stream <= spec.stream_bound
 
-    windows = np.array(result.window_shares(WINDOW))
+    # The first window is the empty stream filling while 64 processes wake on two cores: whoever wakes first sends
+    # freely until the stream is full (up to 3x its share, measured). Contention for a full stream is what is judged.
+    windows = np.array(result.window_shares(WINDOW)[1:])
     fair = WINDOW / PRODUCERS
-    # While everyone competes (until the first producer is done) there are at least two whole windows: a producer
+    # While everyone competes (until the first producer is done) there are at least two more whole windows: a producer
     # served ahead of the others would finish early and cut that phase short.
-    assert len(windows) >= 2, f"only {len(windows)} windows before the first producer was done"
+    assert len(windows) >= 2, f"only {len(windows)} windows after the first before the first producer was done"
     assert windows.min() >= fair / 4, f"a producer got {windows.min()} of {WINDOW} groups (fair: {fair:.0f})"
     assert windows.max() <= 3 * fair, f"a producer got {windows.max()} of {WINDOW} groups (fair: {fair:.0f})"
     jain = windows.sum(axis=1) ** 2 / (PRODUCERS * (windows.astype(float) ** 2).sum(axis=1))
