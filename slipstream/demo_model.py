@@ -84,6 +84,7 @@ def build_demo_model(path: str | Path, **spec: Any) -> Path:
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     shape = DemoModelSpec(**spec)
     folder = Path(path)
@@ -108,7 +109,14 @@ def build_demo_model(path: str | Path, **spec: Any) -> Path:
         torch.manual_seed(shape.seed)
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = VOCAB[PAD_TOKEN]
-    model.save_pretrained(folder)
+    # A progress bar for a 2 MB file is noise in `slipstream up`'s output; the caller's setting is put back.
+    bars_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(folder)
     _patch_tokenizer_config(folder / "tokenizer_config.json")
     return folder
