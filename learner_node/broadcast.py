@@ -5,9 +5,10 @@
     broadcaster.delivered_version                          # newest version the engines were sent (rank 0)
 
 Rank 0 runs `weight_broadcast.WeightSender` on a background thread: `publish` gathers the full state dict
-(torch.distributed.checkpoint's helpers, full_state_dict + cpu_offload), copies it in the broadcast dtype (so
-training may change the weights right away) and hands it over; the thread sends the newest version handed over (an
-older one not yet sent is skipped: engines only want the latest) while training goes on. In sync mode
+(torch.distributed.checkpoint's helpers, full_state_dict + cpu_offload) and stages it in the broadcast dtype
+(`WeightSender.stage`: the one copy, into the sender's flat buckets, so training may change the weights right away);
+the thread sends the newest version staged (an older one not yet sent is replaced: engines only want the latest)
+while training goes on. In sync mode
 `publish(wait=True)` returns once delivered. The sender's timeouts bound every send, so a dead engine never stalls
 the learner.
 
@@ -54,7 +55,7 @@ class Broadcaster:
         self.node_id, self.dtype = node_id, dtype
         self.delivered_version = -1  # newest version handed to the engines (rank 0)
         self._sent = threading.Condition()
-        self._slot: tuple[dict[str, torch.Tensor], int] | None = None
+        self._slot: int | None = None  # the version staged last, until the thread sends it
         self._stop = threading.Event()
         self._cursor = "0"  # control stream position: from the start, to find engines that joined earlier
         self._sglang: dict[str, str] = {}  # SGLang engines added: node id -> url
@@ -77,11 +78,11 @@ class Broadcaster:
         state = full_state_dict(model)
         if self.sender is None:
             return
-        # A copy: with one rank the gathered tensors are the live parameters, which the next step changes while the
-        # background thread may still be staging them.
-        tensors = {name: tensor.to(self.dtype, copy=True) for name, tensor in state.items()}
+        # The snapshot, here and now: with one rank the gathered tensors are the live parameters, which the next step
+        # changes. It is the only copy; the thread sends the staged buckets as they are.
+        self.sender.stage(state, version, self.dtype)
         with self._sent:
-            self._slot = (tensors, version)
+            self._slot = version
             self._version = version
             self._sent.notify_all()
             if wait:
@@ -113,11 +114,10 @@ class Broadcaster:
                 job, self._slot = self._slot, None
             try:
                 self._follow_joins()
-                if job is not None:
-                    tensors, version = job
-                    self.sender.update(tensors, version)  # type: ignore[union-attr]  # rank 0 has a sender
+                report = self.sender.send_staged() if job is not None else None  # type: ignore[union-attr]
+                if report is not None:  # None: a later snapshot replaced this one and was sent already
                     with self._sent:
-                        self.delivered_version = version
+                        self.delivered_version = report.version
                         self._sent.notify_all()
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat = time.monotonic() + HEARTBEAT_S

@@ -83,11 +83,18 @@ class WeightReceiver:
 
     def run(self, stop: threading.Event, poll_s: float = 1.0) -> None:
         """Receive every new announcement until `stop` is set; failures are logged and the loop goes on."""
+        learner_gone = False
         while not stop.is_set():
             try:
                 self.step(poll_s)
+                learner_gone = False
             except WeightVerificationError as exc:
                 log.error("weights refused", engine=self.name, error=str(exc))
+            except dist.DistNetworkError as exc:  # no learner's store to reconnect to (it ended or restarts)
+                (log.debug if learner_gone else log.warning)("no learner to receive weights from: retrying",
+                                                             engine=self.name, error=str(exc))  # fmt: skip
+                learner_gone = True
+                stop.wait(min(poll_s, 1.0))
             except Exception:
                 log.exception("weight update failed", engine=self.name)
                 stop.wait(min(poll_s, 1.0))

@@ -5,19 +5,24 @@
     sender.add_engine(HttpLink("sglang-0", "http://host:30000", n_ranks=2))   # engines that cannot ask themselves
     report = sender.update(model.state_dict().items(), version=step)           # blocks at most ~2 x timeout_s
 
+    sender.stage(model.state_dict().items(), version=step)   # or in two parts: the snapshot (a copy, any thread)...
+    report = sender.send_staged()                             # ...and its delivery (no copy), e.g. in a thread
+
 One delivery of update v:
 
 1. announce v's layout on the store (the receivers' trigger; skipped while there is no engine at all);
 2. if the membership changed (joiners, or the last round failed), form a new group: roll call of the candidates
    (`EngineLink.ready`), ranks assigned in order (engine i at 1 + the ranks of earlier engines), spec on the store,
    engines and rank 0 join it together (`EngineLink.join` + `open_group`);
-3. broadcast the buckets from rank 0 while every engine's `EngineLink.receive` runs. The first delivery of v fills
-   the staging buckets on the way: bucket b+1 is copied in while bucket b is on the wire, each bucket's digest is
-   taken right after its copy, and the checksum goes to the store once the last bucket is posted;
+3. broadcast the staged buckets from rank 0 while every engine's `EngineLink.receive` runs (the first send of v
+   digests each bucket right after posting it), and publish the checksum on the store;
 4. `announce` the complete `Weights` (layout + checksum + group; it passes `bus.codec.validate`) through the
    callable, e.g. on the control stream, while the buckets are on the wire; then wait for the acks.
 
-The staging buckets keep the current weights: late joiners and re-formed groups get them without the learner.
+Staging is the one copy of a version: `stage` copies the tensors into flat buckets (cast to the broadcast dtype), on
+the caller's thread; the first send digests each bucket while it is on the wire, off that thread. Two sets of buckets
+alternate: the one last sent keeps the current weights (late joiners and re-formed groups get them without the
+learner), the other takes the next snapshot, so a learner can stage version v+1 while v is still on the wire.
 
 Nothing waits forever: the roll call, the group's formation and every collective are bounded by `timeout_s`, the
 acks by `timeout_s` after the last bucket. An engine that fails a round is taken to the next group's roll call (the
@@ -94,10 +99,12 @@ class WeightSender:
         self._group = ""
         self._versions: list[int] = []  # versions sent over the current group (their checksum keys)
         self._pg: dist.ProcessGroup | None = None
-        self._staging: FlatBuckets | None = None
+        self._staging: FlatBuckets | None = None  # the current version, as sent
         self._current: Weights | None = None  # the current version's announcement (group set per delivery)
-        self._sources: list[torch.Tensor] | None = None  # the current version's tensors until staged
-        self._digests: list[str] = []  # digests of the staged buckets of the current version
+        self._stage_lock = threading.Lock()  # the spare set and what it holds (taken after `_lock`, never before)
+        self._spare: FlatBuckets | None = None  # the next version's snapshot
+        self._staged: Weights | None = None  # the snapshot's announcement, until `send_staged` takes it
+        self._digested = False  # whether the current version's checksum is known (its first send takes it)
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="weight-link")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -124,18 +131,43 @@ class WeightSender:
     def update(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor], version: int
     ) -> UpdateReport:
-        """Send `named_tensors` (full tensors, dtypes of `bus.schema.DTYPE_SIZES`) as policy `version` to every
-        engine; returns once each loaded it or failed. The tensors are staged before this returns, so the caller may
-        change them afterwards."""
+        """`stage` then `send_staged`: send `named_tensors` as policy `version` to every engine; returns once each
+        loaded it or failed."""
+        self.stage(named_tensors, version)
+        report = self.send_staged()
+        assert report is not None
+        return report
+
+    def stage(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+        version: int,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Snapshot `named_tensors` (full tensors, dtypes of `bus.schema.DTYPE_SIZES`, or cast to `dtype`) as policy
+        `version` into the spare buckets, with digests; the caller may change the tensors once this returns. It may
+        run while a delivery is in progress; a snapshot not sent yet is replaced by the next one."""
         items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
-        specs = [TensorSpec(name, dtype_name(t.dtype), list(t.shape)) for name, t in items]
+        specs = [TensorSpec(name, dtype_name(dtype or t.dtype), list(t.shape)) for name, t in items]
+        with self._stage_lock:
+            if self._spare is None or self._spare.layout.specs() != specs:
+                self._spare = FlatBuckets(Layout.plan(specs, self.config.bucket_bytes), self.device)
+            sources = [t.detach() for _, t in items]
+            for b in range(len(self._spare.buffers)):
+                self._spare.fill(b, sources)
+            self._staged = self._spare.layout.weights(version, checksum="", group="")
+
+    def send_staged(self) -> UpdateReport | None:
+        """Deliver the last `stage`d snapshot (no copy: its buckets go on the wire) and make it the current weights;
+        None when nothing was staged since the last delivery."""
         with self._lock:
-            if self._staging is None or self._staging.layout.specs() != specs:
-                self._staging = FlatBuckets(Layout.plan(specs, self.config.bucket_bytes), self.device)
-            self._sources = [t.detach() for _, t in items]
-            self._digests = []
-            self._current = self._staging.layout.weights(version, checksum="", group="")
-            return self._deliver()
+            with self._stage_lock:
+                if self._staged is None:
+                    return None
+                self._staging, self._spare = self._spare, self._staging
+                self._current, self._staged = self._staged, None
+                self._digested = False
+            return self._deliver()  # a `stage` may fill the spare set meanwhile: it is not the one being sent
 
     def close(self) -> None:
         """Stop the background thread, retire the group (SGLang engines are told to drop it) and the thread pool.
@@ -171,8 +203,6 @@ class WeightSender:
             self._form(group, report)
         if self._pg is not None:
             self._broadcast(weights, report)
-        else:
-            self._stage(len(weights.buckets) - 1)
         report.seconds = time.monotonic() - started
         WEIGHT_BROADCAST_DURATION.observe(report.seconds)
         WEIGHT_BROADCAST_PEERS.set(len(self._members))
@@ -186,20 +216,6 @@ class WeightSender:
             mb=round(report.nbytes / 2**20, 1),
         )
         return report
-
-    def _stage(self, last: int) -> None:
-        """Copy the current version's buckets up to `last` into staging (those not copied yet), with digests; once
-        all are staged, the checksum is complete and the sources are released."""
-        assert self._staging is not None and self._current is not None
-        if self._sources is None:
-            return
-        algorithm = self.config.checksum
-        for b in range(len(self._digests), last + 1):
-            self._staging.fill(b, self._sources)
-            self._digests.append("" if algorithm == "none" else bucket_digest(self._staging.wire(b), algorithm))
-        if len(self._digests) == len(self._staging.buffers):
-            self._current.checksum = format_checksum(algorithm, self._digests)
-            self._sources = None
 
     def _form(self, group: str, report: UpdateReport) -> None:
         """Roll call of the pending engines, then form `group` with those present (sets `_pg` on success)."""
@@ -242,7 +258,6 @@ class WeightSender:
         self._versions.append(weights.version)
         error = self._send(weights)
         if error:  # a peer died or stalled past the timeout: the group is unusable now
-            self._stage(len(weights.buckets) - 1)  # the staging must hold the whole version for the next group
             # Dropping the group now closes its connections: members still waiting for buckets fail (and ack their
             # error) at once instead of at their own timeout.
             self._retire_group()
@@ -265,16 +280,21 @@ class WeightSender:
                 self._strike(self._pending.pop(name))
 
     def _send(self, weights: Weights) -> str:
-        """Broadcast every bucket from rank 0, staging each just before it is posted (so copying bucket b+1 overlaps
-        sending bucket b), then publish the checksum and `announce` the complete `Weights` while the buckets are on
-        the wire; returns "" or what failed. The pending works die with this frame, so a failed group can be closed
-        right after."""
+        """Post every bucket's broadcast from rank 0 (the first send of a version digests each bucket right after
+        posting it), then publish the checksum and `announce` the complete `Weights` while the buckets are on the
+        wire; returns "" or what failed. The pending works die with this frame, so a failed group
+        can be closed right after."""
         assert self._staging is not None and self._current is not None
+        algorithm = self.config.checksum
         try:
-            works = []
+            works, digests = [], []
             for b in range(len(weights.buckets)):
-                self._stage(b)  # a no-op once staged: only the first delivery of a version copies
-                works.append(dist.broadcast(self._staging.wire(b), src=0, group=self._pg, async_op=True))
+                wire = self._staging.wire(b)
+                works.append(dist.broadcast(wire, src=0, group=self._pg, async_op=True))
+                if not self._digested:  # the first send of a version: digest bucket b while it is on the wire
+                    digests.append("" if algorithm == "none" else bucket_digest(wire, algorithm))
+            if not self._digested:
+                self._current.checksum, self._digested = format_checksum(algorithm, digests), True
             self.board.publish_checksum(weights.group, weights.version, self._current.checksum)
             self._announce(replace(weights, checksum=self._current.checksum))
             for work in works:

@@ -105,11 +105,21 @@ def test_what_is_sent_is_a_copy_that_training_cannot_change(tmp_path: Path, monk
     policy = load_policy(str(build_demo_model(tmp_path / "m")), runtime)
     broadcaster = Broadcaster(BroadcastConfig(master_port=0, join_poll_s=0.05), None, runtime, node_id="learner",
                               dtype=torch.float32)  # fmt: skip
+    sender = broadcaster.sender
+    assert sender is not None
     sent: list[dict[str, torch.Tensor]] = []
-    monkeypatch.setattr(broadcaster.sender, "update", lambda tensors, version: sent.append(tensors))
+    send_staged = sender.send_staged
+
+    def send_and_keep() -> Any:  # the buckets sent, as views: they would change if they aliased the parameters
+        report = send_staged()
+        sent.append(dict(sender._staging.named()))  # type: ignore[union-attr]
+        return report
+
+    monkeypatch.setattr(sender, "send_staged", send_and_keep)
     try:
         broadcaster.publish(policy, 1, wait=True)
         before = {k: v.clone() for k, v in sent[0].items()}
+        assert before.keys() == policy.state_dict().keys()
         with torch.no_grad():
             for p in policy.parameters():
                 p.add_(1.0)  # the next optimizer step, while the thread may still be sending version 1

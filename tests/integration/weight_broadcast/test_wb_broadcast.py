@@ -108,3 +108,22 @@ def test_engines_follow_a_restarted_learner_and_get_its_weights(cluster: Cluster
     v2 = cluster.tiny_model(seed=2).state_dict()
     cluster.sender.update(v2, version=2)
     assert cluster.wait_loaded({"a"}, 2)["a"] == cluster.tensor_bytes(v2)
+
+
+def test_a_staged_snapshot_is_sent_as_staged_and_a_newer_one_replaces_it(cluster: Cluster) -> None:
+    cluster.start_engine("a")
+    v1 = cluster.tiny_model(seed=1).state_dict()
+    cluster.sender.update(v1, version=1)
+    cluster.wait_loaded({"a"}, 1)
+    assert cluster.sender.send_staged() is None  # nothing staged since
+
+    live = {name: tensor.clone() for name, tensor in cluster.tiny_model(seed=2).state_dict().items()}
+    cluster.sender.stage(live, version=2)
+    expected_v3 = cluster.tensor_bytes(live)
+    cluster.sender.stage(live, version=3)  # replaces v2 before it was sent: engines only want the newest
+    for tensor in live.values():  # training goes on: the snapshot must not follow
+        tensor.add_(1) if tensor.is_floating_point() else tensor.sub_(1)
+    report = cluster.sender.send_staged()
+    assert report is not None and report.version == 3 and report.delivered == ["a"]
+    assert cluster.wait_loaded({"a"}, 3)["a"] == expected_v3
+    assert cluster.sender.send_staged() is None
