@@ -145,6 +145,11 @@ class LearnerConfig(Section):
         0.0, ge=0, le=10, description="weight of an entropy bonus on trained tokens (keeps a policy exploring; 0: off)"
     )
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator when beta > 0")
+    skip_zero_advantage: bool = Field(
+        True,
+        description="GRPO with beta = 0 and entropy_coef = 0: do not run samples whose advantage is 0 (their gradient "
+        "is exactly 0; the loss normaliser still counts them)",
+    )
     ppo_epochs: int = Field(
         1,
         ge=1,

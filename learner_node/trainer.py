@@ -12,6 +12,10 @@ The proximal policy of the decoupled objective is the weights before this step. 
 (`ppo_epochs = 1`) they are exactly the weights of the training forward, so their logprobs are that forward's,
 detached: no extra pass. A no-grad pass runs first only when something needs it: PPO (old values, target logprobs),
 `ppo_epochs > 1` (proximal logprobs), `beta > 0` (reference logprobs), DPO (reference logprobs not in the message).
+
+GRPO samples whose advantage is exactly 0 (every sample of a group scored the same) add nothing to the gradient when
+there is no KL or entropy term: they are not run (`skip_zero_advantage`; `zero_advantage_skipped_frac` says how many),
+and the token-mean metrics (entropy, clip fractions, importance weights) cover the samples that were.
 """
 
 from __future__ import annotations
@@ -138,17 +142,19 @@ class Trainer:
         """One optimizer step on `units` (the same list on every rank); returns the step's metrics (global)."""
         cfg, world = self.cfg, self.runtime.world
         mine = share(len(units), world, self.runtime.rank)
+        skipped = 0.0
         if cfg.algorithm == "dpo":
             pairs = [pairs_of(u) for u in units]
             rows_per_rank = [sum(len(p) for p in pairs[share(len(units), world, r)]) for r in range(world)]
             micros = self._dpo_micros([p for unit_pairs in pairs[mine] for p in unit_pairs], rows_per_rank)
         else:
-            advantages = group_advantage_values(units, cfg) if cfg.algorithm == "grpo" else None
-            rows_per_rank = [sum(len(u.samples) for u in units[share(len(units), world, r)]) for r in range(world)]
-            samples = [s for u in units[mine] for s in u.samples]
-            values = [a for per_unit in advantages[mine] for a in per_unit] if advantages else [0.0] * len(samples)
-            tokens = sum(trained_tokens(s) for u in units for s in u.samples)
+            rows = self._policy_rows(units)
+            rows_per_rank = [sum(len(r) for r in rows[share(len(units), world, rank)]) for rank in range(world)]
+            samples, values = [s for r in rows[mine] for s, _ in r], [a for r in rows[mine] for _, a in r]
+            tokens = sum(trained_tokens(s) for r in rows for s, _ in r)
             micros = self._policy_micros(samples, values, self._normaliser(units), tokens, rows_per_rank)
+            total = sum(len(u.samples) for u in units)
+            skipped = (total - sum(rows_per_rank)) / max(total, 1)
         self._pre_pass(micros)
         for _ in range(cfg.ppo_epochs):
             sums: dict[str, float] = defaultdict(float)
@@ -167,7 +173,23 @@ class Trainer:
         self.scheduler.step()
         out = self._reduce(sums, maxima)
         out.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+        if cfg.algorithm == "grpo":
+            out["zero_advantage_skipped_frac"] = skipped
         return out
+
+    def _policy_rows(self, units: Sequence[Unit]) -> list[list[tuple[Trajectory, float]]]:
+        """(sample, GRPO advantage) per unit, in order (PPO: advantage 0, computed later from values). With
+        `skip_zero_advantage`, GRPO rows whose advantage is 0 are left out: with no KL and no entropy term their loss
+        and gradient are exactly 0, and the normaliser still counts them, so the step's gradient is unchanged."""
+        cfg = self.cfg
+        if cfg.algorithm != "grpo":
+            return [[(s, 0.0) for s in u.samples] for u in units]
+        advantages = group_advantage_values(units, cfg)
+        skip = cfg.skip_zero_advantage and cfg.beta == 0 and cfg.entropy_coef == 0
+        return [
+            [(s, a) for s, a in zip(u.samples, values, strict=True) if not (skip and a == 0.0)]
+            for u, values in zip(units, advantages, strict=True)
+        ]
 
     # --- micro-batches -------------------------------------------------------------------------------------------
     def _normaliser(self, units: Sequence[Unit]) -> float:

@@ -225,3 +225,6 @@ class TorchEngineConfig(Section):
     weight_swap_timeout_s: float = Field(
         60.0, gt=0, le=3600, description="longest a weight commit waits for the decode step in progress"
     )
+    num_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch intra-op threads of this process (None: torch's default, one per core)"
+    )

@@ -77,6 +77,8 @@ class TorchEngine(Engine):
     @classmethod
     def from_config(cls, config: TorchEngineConfig, version: int = 0) -> TorchEngine:
         """Load the checkpoint and tokenizer from `config.model_path` (a local folder; never the network)."""
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         model = AutoModelForCausalLM.from_pretrained(
             config.model_path, dtype=getattr(torch, config.dtype), local_files_only=True
         ).to(config.device)

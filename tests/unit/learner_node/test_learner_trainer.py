@@ -86,6 +86,23 @@ def test_micro_batching_does_not_change_the_step(model_path: str, loss_agg: str)
         assert torch.allclose(tensor, weights(pieces)[name], atol=1e-6), name
 
 
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_skipping_zero_advantage_samples_does_not_change_the_step(model_path: str, loss_agg: str) -> None:
+    units = groups(count=3)
+    units[1] = Unit(units[1].key, [dataclasses.replace(s, reward=0.5) for s in units[1].samples])  # no signal
+    skipping = make_trainer(model_path, loss_agg=loss_agg, adam_epsilon=1e-2)
+    running = make_trainer(model_path, loss_agg=loss_agg, adam_epsilon=1e-2, skip_zero_advantage=False)
+    skipped, ran = skipping.step(units), running.step(units)
+    assert skipped["zero_advantage_skipped_frac"] == pytest.approx(1 / 3)
+    assert ran["zero_advantage_skipped_frac"] == 0.0
+    assert skipped["loss"] == pytest.approx(ran["loss"], rel=1e-5, abs=1e-7)
+    assert skipped["grad_norm"] == pytest.approx(ran["grad_norm"], rel=1e-5)
+    for name, tensor in weights(running).items():
+        assert torch.allclose(tensor, weights(skipping)[name], atol=1e-6), name
+    # With an entropy bonus the flat group has a gradient of its own: nothing is skipped.
+    assert make_trainer(model_path, entropy_coef=0.1).step(units)["zero_advantage_skipped_frac"] == 0.0
+
+
 def test_grpo_steps_raise_the_likelihood_of_rewarded_samples(model_path: str) -> None:
     trainer = make_trainer(model_path, lr=3e-3)
     units = groups()
