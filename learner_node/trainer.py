@@ -36,6 +36,7 @@ from learner_node.algorithms import (
     gae,
     group_advantages,
     kl_penalty,
+    masked_mean,
     online_dpo_pairs,
     policy_loss,
     token_entropy,
@@ -310,17 +311,18 @@ class Trainer:
             )  # fmt: skip
         proximal = micro.proximal if micro.proximal is not None else logprobs.detach()
         advantages = micro.advantages if micro.advantages is not None else batch.advantages
+        entropy = token_entropy(logits) if cfg.entropy_coef > 0 else None  # [B, T], differentiable, for the bonus
         loss, metrics = policy_loss(
             logprobs, proximal, batch.behavior_logprobs, advantages, batch.mask,
             epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, dual_clip=cfg.dual_clip,
             importance_correction=cfg.importance_correction, importance_cap=cfg.importance_cap,
             importance_floor=cfg.importance_floor, importance_sampling_level=cfg.importance_sampling_level,
-            loss_agg=cfg.loss_agg, max_tokens=cfg.max_new_tokens, logits=logits,
+            loss_agg=cfg.loss_agg, max_tokens=cfg.max_new_tokens, logits=logits if entropy is None else None,
         )  # fmt: skip
-        if cfg.entropy_coef > 0:
+        if entropy is not None:  # computed once: the bonus and the reported metric
+            metrics["entropy"] = masked_mean(entropy.detach(), batch.mask)
             # A bonus, so minus: a prompt whose samples all agree gives GRPO nothing to compare; this keeps them apart.
-            entropy = aggregate_loss(token_entropy(logits), batch.mask, cfg.loss_agg, cfg.max_new_tokens)
-            loss = loss - cfg.entropy_coef * entropy
+            loss = loss - cfg.entropy_coef * aggregate_loss(entropy, batch.mask, cfg.loss_agg, cfg.max_new_tokens)
         metrics["policy_loss"] = metrics.pop("loss")
         del metrics["tokens"]  # a count, not a mean: the node counts the step's tokens itself
         if cfg.beta > 0:
