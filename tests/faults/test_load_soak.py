@@ -31,7 +31,7 @@ from bus.embedded import EmbeddedRedis, EmbeddedRedisError, find_redis_server
 
 RSS_FLAT = 32 * MiB  # growth allowed from the second quarter of a run to its last (allocator noise, warm caches)
 PRODUCERS = 64
-GROUPS_EACH = 256
+GROUPS_EACH = 384
 WINDOW = 32 * PRODUCERS  # consumed groups per fairness window: a fair share of 32 each
 
 
