@@ -28,6 +28,7 @@ from pydantic import Field
 
 from bus.config import BusConfig
 from bus.settings import ModelConfig, NodeSettings, RunConfig, Section, parse_overrides
+from slipstream.demo_model import DemoModelSpec
 from slipstream.progress import Progress, View, follow, make_view
 from telemetry.config import TelemetryConfig
 
@@ -43,8 +44,8 @@ class UpConfig(Section):
     build_demo_model: bool = Field(
         True, description="write the tiny demo model to model.path first when that folder holds no config.json"
     )
-    demo_model: dict[str, Any] = Field(
-        default_factory=dict, description="DemoModelSpec fields for the demo model (hidden_size, num_layers, seed, ...)"
+    demo_model: DemoModelSpec = Field(
+        default_factory=DemoModelSpec, description="shape and seed of the demo model built when model.path has none"
     )
     timeout_s: float = Field(3600.0, gt=0, le=7 * 86400, description="stop everything after this long")
     log_dir: str | None = Field(None, description="children's logs go here (None: <run.output_dir>/logs)")
@@ -120,7 +121,7 @@ class Cluster:
             raise SystemExit(f"model.path {path}: no config.json there and up.build_demo_model is false")
         from slipstream.demo_model import build_demo_model
 
-        build_demo_model(path, **self.settings.up.demo_model)
+        build_demo_model(path, **self.settings.up.demo_model.model_dump())
         print(f"built the demo model in {path}", file=self.out)
 
     def _spawn(self, name: str, command: str, env: dict[str, str], own: list[str], *, pipe: bool) -> None:

@@ -33,3 +33,17 @@ def test_serve_engine_exits_naming_an_unreadable_api_key_file(tmp_path: Path) ->
 def test_rollout_exits_with_the_error_like_every_command() -> None:
     with pytest.raises(SystemExit, match="^slipstream rollout: config file /nonexistent/run.toml: not found$"):
         main(["rollout", "--config", "/nonexistent/run.toml"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--up.demo_model.path", "/tmp/m"], "up.demo_model.path: Extra inputs are not permitted"),
+        (["--up.demo_model.num_heads", "3"], "up.demo_model.num_heads: Value error, hidden_size (128) / num_heads"),
+    ],
+)
+def test_up_names_a_bad_demo_model_field_before_starting_anything(override: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["up", "--config", "configs/demo.toml", *override])
+    error = str(exited.value.code)  # printed on stderr by the interpreter, with exit status 1
+    assert error.startswith("slipstream up: invalid settings") and message in error
