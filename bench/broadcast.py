@@ -6,10 +6,10 @@ spread like a transformer's) totalling `--mb` MiB.
 
 - baseline: `dist.broadcast` of one flat uint8 tensor of the same bytes, plus a one-element reply from the engine
   (so both timings end when the engine has everything);
-- snapshot: `sender.stage(...)`: the learner's one copy of the weights, into flat buckets, with their checksums
-  (the learner takes it on its training thread: it must, since training changes the weights next);
-- update: `sender.send_staged()`: announce, bucketed broadcast of the staged buckets, the engine's verification, its
-  load into the model, its ack.
+- snapshot: `sender.stage(...)`: the learner's one copy of the weights, into flat buckets (the learner takes it on
+  its training thread: it must, since training changes the weights next);
+- update: `sender.send_staged()`: announce, bucketed broadcast of the staged buckets with their checksums, the
+  engine's verification, its load into the model, its ack.
 
 broadcast_ratio = baseline seconds / update seconds (= update GB/s / baseline GB/s); broadcast_ratio_with_snapshot
 counts the snapshot too (= `sender.update`). Medians over `--repeats`.
@@ -171,7 +171,7 @@ def main(argv: list[str]) -> int:
         print(f"plain gloo broadcast  {result['baseline_gbps']:.2f} GB/s  ({baseline_s * 1e3:.1f} ms)")
         load = result["load"]
         print(f"slipstream update     {result['update_gbps']:.2f} GB/s  ({update_s * 1e3:.1f} ms, {load} load)")
-        print(f"learner's snapshot    {result['snapshot_s'] * 1e3:.1f} ms (copy into the buckets + checksums)")
+        print(f"learner's snapshot    {result['snapshot_s'] * 1e3:.1f} ms (the copy into the buckets)")
         print(f"broadcast_ratio       {result['broadcast_ratio']:.2f}  (goal >= 0.8)")
         print(f"  with the snapshot   {result['broadcast_ratio_with_snapshot']:.2f}")
     return 0

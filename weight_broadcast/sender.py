@@ -145,8 +145,8 @@ class WeightSender:
         dtype: torch.dtype | None = None,
     ) -> None:
         """Snapshot `named_tensors` (full tensors, dtypes of `bus.schema.DTYPE_SIZES`, or cast to `dtype`) as policy
-        `version` into the spare buckets, with digests; the caller may change the tensors once this returns. It may
-        run while a delivery is in progress; a snapshot not sent yet is replaced by the next one."""
+        `version` into the spare buckets (its first send takes the digests); the caller may change the tensors once
+        this returns. It may run while a delivery is in progress; a snapshot not sent yet is replaced by the next."""
         items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
         specs = [TensorSpec(name, dtype_name(dtype or t.dtype), list(t.shape)) for name, t in items]
         with self._stage_lock:
@@ -282,8 +282,8 @@ class WeightSender:
     def _send(self, weights: Weights) -> str:
         """Post every bucket's broadcast from rank 0 (the first send of a version digests each bucket right after
         posting it), then publish the checksum and `announce` the complete `Weights` while the buckets are on the
-        wire; returns "" or what failed. The pending works die with this frame, so a failed group
-        can be closed right after."""
+        wire; returns "" or what failed. The pending works die with this frame, so a failed group can be closed right
+        after."""
         assert self._staging is not None and self._current is not None
         algorithm = self.config.checksum
         try:
