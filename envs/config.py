@@ -25,6 +25,7 @@ from envs.plugins import IMPORT_PATH
 from envs.rewards import ExactMatch, RewardSpec
 
 SYNTHETIC_SOURCES = ("arithmetic", "reverse")
+TRAIN_SPLIT = "train"  # eval_split value meaning "evaluate on the training rows"
 
 
 class _Model(BaseModel):
@@ -89,7 +90,12 @@ class TaskConfig(_Model):
     path: str = Field("", max_length=4096, description="file or directory of a jsonl/hf source")
     split: str = Field("train", min_length=1, max_length=128, description="split of a saved HF DatasetDict")
     eval_path: str = Field("", max_length=4096, description="held-out rows in their own file ('' = carve them out)")
-    eval_split: str = Field("", max_length=128, description="held-out split of the HF source ('' = carve them out)")
+    eval_split: str = Field(
+        "",
+        max_length=128,
+        description="held-out split of the HF source ('' = carve them out); 'train' (any source) evaluates on the "
+        "training rows themselves, for tasks whose held-out rows measure memorisation rather than RL",
+    )
     eval_fraction: float = Field(
         0.1, ge=0.0, le=0.9, description="share of rows held out for evaluation when no eval_path/eval_split is set"
     )
@@ -134,8 +140,10 @@ class TaskConfig(_Model):
             raise ValueError(f"path/eval_path: not used by the synthetic source {self.source!r}")
         if not synthetic and not self.path:
             raise ValueError(f"path: required for source={self.source!r}")
-        if self.eval_split and self.source != "hf":
-            raise ValueError("eval_split: only for source='hf'")
+        if self.eval_split not in ("", TRAIN_SPLIT) and self.source != "hf":
+            raise ValueError(f"eval_split: only 'train' or '' unless source='hf' (got {self.eval_split!r})")
+        if self.eval_split == TRAIN_SPLIT and self.eval_path:
+            raise ValueError("eval_split: 'train' evaluates on the training rows; it cannot be combined with eval_path")
         labels = [r.label for r in self.rewards]
         if len(set(labels)) != len(labels):
             raise ValueError(f"rewards: labels {labels} repeat; give one of them a distinct `name`")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import structlog
 
-from envs.config import TaskConfig
+from envs.config import TRAIN_SPLIT, TaskConfig
 from envs.dataset import PromptDataset
 from envs.render import prompt_tokens
 from envs.rows import PromptRow, row_from_record
@@ -110,8 +110,11 @@ def _source_rows(cfg: TaskConfig) -> list[PromptRow]:
 
 
 def load_rows(cfg: TaskConfig, split: Split) -> list[PromptRow]:
-    """The rows of one split. Eval rows come from eval_path/eval_split when set; otherwise a seeded
-    `eval_fraction` of the source is held out, and train is the rest (the two never share a row)."""
+    """The rows of one split. With `eval_split = "train"` both splits are every training row (nothing is held out);
+    else eval rows come from eval_path/eval_split when set; otherwise a seeded `eval_fraction` of the source is held
+    out, and train is the rest (the two never share a row)."""
+    if cfg.eval_split == TRAIN_SPLIT:
+        return _source_rows(cfg)
     if cfg.eval_path or cfg.eval_split:
         if split == "train":
             return _source_rows(cfg)

@@ -5,6 +5,8 @@ The Redis hash `<bus.prefix>accounting` (e.g. `slipstream:accounting`) holds int
     published                  producers HINCRBY it right after each successful publish (rollout nodes, proxy)
     trained                    the learner, in ONE MULTI with the step's XACKs and dedup marks (`settle`)
     dropped:duplicate          same MULTI: members of a group whose trajectory id was trained already
+    dropped:zero_variance      settled like trained ones (`settle(..., outcome=...)`): groups whose rewards were all
+                                 equal, filtered by dynamic sampling before any step (they carry no GRPO signal)
     dropped:stale              the learner dead-letters the message (`drop`: XADD dead + XACK, atomic) and
     dropped:incomplete_group     counts it from the dead stream (`scan_dead`)
     dropped:invalid            the consumer dead-lettered it (undecodable, invalid field, unexpected kind)
@@ -51,7 +53,8 @@ LEARNER_REASONS = ("stale", "incomplete_group")  # reasons of the learner's own 
 CONSUMER_REASONS = ("invalid", "poison")  # the consumer's dead letters: a broken message, or too many deliveries
 # Every reason a trajectory is dropped for: the `dropped:<reason>` fields of the hash and the `reason` label values of
 # slipstream_learner_dropped_samples_total (telemetry creates each series at 0, so rate() and alerts see a first drop).
-DROP_REASONS = ("duplicate", *LEARNER_REASONS, *CONSUMER_REASONS)
+FILTERED = "zero_variance"  # dynamic sampling's groups: settled (acked, marked, counted), not dead-lettered
+DROP_REASONS = ("duplicate", FILTERED, *LEARNER_REASONS, *CONSUMER_REASONS)
 TOKEN_TTL_S = 86_400  # one-time tokens (settles, batches of tasks) outlive any retry by far
 # KEYS[1] a one-time token, KEYS[2..] hashes; ARGV[1] the token's ttl, then (hash index in KEYS, field, amount)
 # triples. The HINCRBYs run once per token, however often the transaction holding the script is retried.
@@ -106,21 +109,25 @@ class Ledger:
         self._guarded = self.client.register_script(_GUARDED_HINCRBY) if self.client is not None else None
         self._local: Counter[str] = Counter()  # what this process counted (the only record without Redis)
 
-    def settle(self, units: Sequence[Unit], tasks: int = 0) -> dict[str, int]:
-        """After the step that trained `units`: ack their entries, mark their ids trained and count them (and the
+    def settle(self, units: Sequence[Unit], tasks: int = 0, *, outcome: str = "trained") -> dict[str, int]:
+        """After the step that trained `units`: ack their entries, mark their ids settled and count them (and the
         admission's `tasks` among them), in one transaction. Returns the trajectory counts added
-        ({"trained": n, "dropped:duplicate": d})."""
+        ({"trained": n, "dropped:duplicate": d}). `outcome="dropped:zero_variance"` settles groups that dynamic
+        sampling filtered out the same way, counted under that field (their tasks as the admission's `dropped`)."""
+        if outcome not in ("trained", f"dropped:{FILTERED}"):
+            raise ValueError(f"outcome: must be 'trained' or 'dropped:{FILTERED}', got {outcome!r}")
         received = [r for u in units for r in u.received]
         if not received:
             return {}
         duplicates = sum(u.duplicates for u in units)
-        counts = {"trained": sum(u.size for u in units) - duplicates, "dropped:duplicate": duplicates}
+        counts = {outcome: sum(u.size for u in units) - duplicates, "dropped:duplicate": duplicates}
         counts = {k: v for k, v in counts.items() if v}
         ids = [r.id for r in received if r.id] + [s.id for u in units for s in u.samples]
         if self.redis is not None:
             token = self._token_prefix + new_id()
+            task_field = "trained" if outcome == "trained" else "dropped"
             amounts = [x for field, n in counts.items() for x in (2, field, n)] + (
-                [3, "trained", tasks] if tasks else []
+                [3, task_field, tasks] if tasks else []
             )
 
             def op() -> None:

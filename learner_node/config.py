@@ -145,6 +145,19 @@ class LearnerConfig(Section):
         0.0, ge=0, le=10, description="weight of an entropy bonus on trained tokens (keeps a policy exploring; 0: off)"
     )
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator when beta > 0")
+    dynamic_sampling: bool = Field(
+        False,
+        description="GRPO: DAPO's dynamic sampling (arXiv 2503.14476): a group whose rewards are all equal is "
+        "filtered before any step (settled as dropped:zero_variance) and the admission publishes another task in its "
+        "place, so every step trains groups_per_step groups that carry a signal",
+    )
+    dynamic_sampling_max_batches: int = Field(
+        8,
+        ge=1,
+        le=1000,
+        description="filter at most this many times groups_per_step groups between two steps; past that the step "
+        "takes zero-variance groups too (a policy that has solved or lost every prompt still steps and evaluates)",
+    )
     skip_zero_advantage: bool = Field(
         True,
         description="GRPO with beta = 0 and entropy_coef = 0: do not run samples whose advantage is 0 (their gradient "

@@ -194,3 +194,8 @@ def drop_repeats(units: list[Unit]) -> tuple[list[Unit], list[Received]]:
                 continue
         kept.append(unit)
     return kept, repeats
+
+
+def zero_variance(unit: Unit) -> bool:
+    """Whether every member of `unit` scored the same reward: GRPO's advantages are then all 0 (no signal)."""
+    return len({s.reward for s in unit.samples}) <= 1

@@ -40,16 +40,17 @@ from bus.dedup import Dedup, MemoryDedup, RedisDedup
 from bus.schema import Group, Preference, Sampling, Trajectory
 from bus.transport import setup_transport
 from bus.transport.redis_streams import RedisTransport
+from envs.config import TRAIN_SPLIT
 from envs.render import render_preference
 from envs.rows import PromptRow
 from envs.sources import build_dataset
-from learner_node.accounting import Ledger
+from learner_node.accounting import FILTERED, Ledger
 from learner_node.admission import Admission
 from learner_node.broadcast import Broadcaster
 from learner_node.checkpoint import Checkpointer, export_hf
 from learner_node.config import LearnerSettings
 from learner_node.evaluation import Evaluator, prompt_token_ids
-from learner_node.groups import GroupAssembler, Unit, drop_repeats, split_trained
+from learner_node.groups import GroupAssembler, Unit, drop_repeats, split_trained, zero_variance
 from learner_node.model import (
     build_optimizer,
     build_scheduler,
@@ -118,6 +119,7 @@ class LearnerNode:
         self.dropped: Counter[str] = Counter()  # rank 0: trajectories dropped so far, by reason
         self._last_progress = time.monotonic()
         self._freed = 0  # admission tasks dropped on this rank since the last exchange
+        self._filtered = 0  # groups dynamic sampling filtered on this rank since the last step
         self.broadcast_version = 0  # the newest version handed to the broadcast: new tasks' min_version
         self._checkpointed = -1  # the step of the newest checkpoint written by this run
 
@@ -139,6 +141,8 @@ class LearnerNode:
             threshold=cfg.eval_threshold,
             limit=cfg.eval_limit,
         )
+        # What the eval measures: held-out rows, or the training prompts themselves (task.eval_split = "train").
+        self.eval_split = "train" if settings.task.eval_split == TRAIN_SPLIT else "heldout"
         self.checkpointer = Checkpointer(Path(settings.run.output_dir) / "checkpoints", runtime, cfg.keep_checkpoints)
         self._start_admission(resume, self._resume() if resume else None)
 
@@ -327,6 +331,28 @@ class LearnerNode:
         if stale:
             self.ready = [u for u in self.ready if u not in stale]
             self._drop(stale, "stale", f"policy version lag > max_staleness ({limit}) at version {self.version}")
+        if self._filtering():
+            flat = [u for u in self.ready if u.pair is None and zero_variance(u)]
+            if flat:
+                self.ready = [u for u in self.ready if u not in flat]
+                self._filter(flat)
+
+    def _filtering(self) -> bool:
+        """Dynamic sampling is on and has not yet filtered its bound of groups since the last step."""
+        cfg = self.cfg
+        bound = cfg.dynamic_sampling_max_batches * cfg.groups_per_step
+        return cfg.dynamic_sampling and cfg.algorithm == "grpo" and self._filtered < bound
+
+    def _filter(self, units: list[Unit]) -> None:
+        """Settle zero-variance groups as dropped:zero_variance (acked, marked, counted; no dead letter: they are
+        well-formed, only useless to GRPO) and free their admission slots, so that other tasks take their place."""
+        tasks = sum(1 for u in units if self._is_task(u))
+        counts = self.ledger.settle(units, tasks=tasks, outcome=f"dropped:{FILTERED}")
+        filtered = counts.get(f"dropped:{FILTERED}", 0)
+        self.dropped[f"dropped:{FILTERED}"] += filtered
+        m.LEARNER_DROPPED_SAMPLES.labels(reason=FILTERED).inc(filtered)
+        self._freed += tasks
+        self._filtered += len(units)
 
     def _drop(self, units: list[Unit], reason: str, detail: str) -> None:
         self.ledger.drop(units, reason, detail)
@@ -370,6 +396,7 @@ class LearnerNode:
     def _train(self, units: list[Unit]) -> None:
         started = time.monotonic()
         metrics = self.trainer.step(units)
+        self._filtered = 0
         mine = [u for u in units if u.received]
         counts = self.ledger.settle(mine, tasks=sum(1 for u in mine if self._is_task(u)))
         self.step += 1
@@ -449,7 +476,7 @@ class LearnerNode:
         if self.rank == 0:
             m.LEARNER_EVAL_ACCURACY.set(self.eval_accuracy)
             self._emit("eval", step=self.step, version=self.version, elapsed=round(time.monotonic() - self.started, 2),
-                       **{k: round(v, 4) for k, v in result.items()})  # fmt: skip
+                       eval_split=self.eval_split, **{k: round(v, 4) for k, v in result.items()})  # fmt: skip
 
     def _emit(self, event: str, **fields: Any) -> None:
         """A progress event (rank 0): its log line, which `slipstream up` renders, and its metrics to the trackers."""

@@ -34,6 +34,9 @@ class Progress:
     target_accuracy: float | None = None
     started: float = field(default_factory=time.monotonic)
     reached_target_s: float | None = None  # elapsed seconds at the first eval at or above target_accuracy
+    reached_target_step: int | None = None  # the optimizer step of that eval
+    evals: list[tuple[int, float, float]] = field(default_factory=list)  # (step, elapsed s, accuracy) of each eval
+    eval_split: str = "heldout"  # "train" when the learner evaluates on its training prompts (task.eval_split)
     step: int = 0
     last: dict[str, Any] = field(default_factory=dict)
     eval_accuracy: float | None = None
@@ -57,12 +60,16 @@ class Progress:
             )
         if name == "eval":
             self.eval_accuracy = float(event["eval_accuracy"])
+            self.eval_split = str(event.get("eval_split", self.eval_split))
+            step = int(event.get("step", self.step))
+            self.evals.append((step, round(self.elapsed(), 2), self.eval_accuracy))
             if self.first_eval_accuracy is None:
                 self.first_eval_accuracy = self.eval_accuracy
             target = self.target_accuracy
             if target is not None and self.reached_target_s is None and self.eval_accuracy >= target:
-                self.reached_target_s = self.elapsed()
-            return f"eval  step {event.get('step', self.step):>5}  eval_accuracy={self.eval_accuracy:.3f}"
+                self.reached_target_s, self.reached_target_step = self.elapsed(), step
+            on = "  (on training prompts)" if self.eval_split == "train" else ""
+            return f"eval  step {step:>5}  eval_accuracy={self.eval_accuracy:.3f}{on}"
         if name == "summary":
             self.summary = event
             if event.get("eval_accuracy") is not None:
@@ -91,7 +98,8 @@ class Progress:
         table.add_row("loss", _num(last.get("loss")).strip())
         start = "-" if self.first_eval_accuracy is None else f"{self.first_eval_accuracy:.3f}"
         now = "-" if self.eval_accuracy is None else f"{self.eval_accuracy:.3f}"
-        table.add_row("eval accuracy (start -> now)", f"{start} -> {now}")
+        on = "training prompts" if self.eval_split == "train" else "held out"
+        table.add_row(f"eval accuracy, {on} (start -> now)", f"{start} -> {now}")
         table.add_row("throughput (tok/s)", _num(last.get("tokens_per_s"), 0).strip())
         staleness = f"{_num(last.get('staleness_mean')).strip()} / {last.get('staleness_max', '-')}"
         table.add_row("staleness (mean / max versions)", staleness)

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
+from bus.config import BusConfig
 from bus.producer import Producer
 
 from .conftest import FakeRollout, LearnerProcess
@@ -114,3 +116,32 @@ def test_dpo_from_the_tasks_preference_rows(tmp_path: Path, learner_config: Call
     steps = learner.named("train_step")
     assert [e["step"] for e in steps] == [1, 2, 3, 4] and all(e["samples"] == 4 for e in steps)
     assert steps[0]["reward_accuracy"] <= steps[-1]["reward_accuracy"] and steps[-1]["loss"] < steps[0]["loss"]
+
+
+@pytest.mark.timeout(180)
+def test_dynamic_sampling_trains_only_groups_with_a_signal_and_accounts_for_the_rest(
+    redis_server: Any, learner_config: Callable[..., Path]
+) -> None:
+    """DAPO's dynamic sampling with a real learner and Redis: groups of 2 random 0/1 rewards are flat half the time;
+    those are settled as dropped:zero_variance (not trained, not dead-lettered), the admission publishes other tasks
+    in their place, every step trains groups_per_step groups that all carry a signal, and the books balance."""
+    config = learner_config(max_steps=6, num_generations=2, dynamic_sampling=True)
+    with FakeRollout(redis_server.url) as rollout:
+        learner = LearnerProcess(config)
+        assert learner.finish() == 0, "".join(learner.lines[-30:])
+    steps = learner.named("train_step")
+    assert [e["step"] for e in steps] == list(range(1, 7))
+    # A flat group of GRPO gives advantages of exactly 0: none reached a step.
+    skipped = [e["zero_advantage_skipped_frac"] for e in steps]
+    assert skipped == [0.0] * 6, skipped
+    assert all(e["samples"] == 4 for e in steps)  # 2 groups of 2 per step, every one of them informative
+    accounting = summary_of(learner)["accounting"]
+    assert accounting["dropped:zero_variance"] >= 2, accounting  # P(no flat group in >= 12 answered) < 1e-3
+    config_bus = BusConfig(url=redis_server.url)
+    client = redis.Redis.from_url(redis_server.url)
+    dead = client.xrange(config_bus.stream("dead"))
+    assert not [fields for _, fields in dead if b"zero_variance" in b" ".join(fields.values())]  # settled, not dead
+    assert accounting["trained"] == sum(e["samples"] for e in steps)
+    summary = summary_of(learner)
+    assert summary["balanced"] is True, summary
+    assert rollout.answered * 2 >= accounting["trained"] + accounting["dropped:zero_variance"]

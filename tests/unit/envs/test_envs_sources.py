@@ -142,12 +142,25 @@ def test_overlong_prompts_are_dropped_with_a_tokenizer(tmp_path: Path, plain_tok
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValidationError, match="path: required for source='jsonl'"):
         TaskConfig(source="jsonl")
-    with pytest.raises(ValidationError, match="eval_split: only for source='hf'"):
+    with pytest.raises(ValidationError, match="eval_split: only 'train' or '' unless source='hf'"):
         TaskConfig(source="jsonl", path="x.jsonl", eval_split="test")
     with pytest.raises(ValidationError, match="extra_forbidden|Extra inputs"):
         TaskConfig(sorce="jsonl")
     with pytest.raises(ValidationError, match="less than or equal to 0.9"):
         TaskConfig(eval_fraction=1.0)
+
+
+def test_eval_split_train_evaluates_on_every_training_row(tmp_path: Path) -> None:
+    """`eval_split = "train"` holds nothing out: both splits are every row (for tasks where held-out rows measure
+    memorisation, not RL); it cannot be combined with a separate eval file."""
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"{i}=", "ground_truth": str(i)} for i in range(10)])
+    cfg = TaskConfig(source="jsonl", path=path, eval_split="train", eval_fraction=0.5)
+    assert [r.prompt for r in load_rows(cfg, "eval")] == [r.prompt for r in load_rows(cfg, "train")]
+    assert len(load_rows(cfg, "train")) == 10
+    synthetic = TaskConfig(source="arithmetic", eval_split="train")
+    assert len(load_rows(synthetic, "eval")) == len(load_rows(synthetic, "train")) == 100
+    with pytest.raises(ValidationError, match="cannot be combined with eval_path"):
+        TaskConfig(source="jsonl", path="x.jsonl", eval_path="y.jsonl", eval_split="train")
 
 
 @pytest.fixture(scope="module")

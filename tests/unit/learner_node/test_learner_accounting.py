@@ -22,7 +22,7 @@ from bus.dedup import RedisDedup
 from bus.producer import Producer
 from bus.schema import Group, Preference, Task, Trajectory
 from bus.transport import setup_transport
-from learner_node.accounting import DROP_REASONS, Ledger, dead_reason, trajectory_count
+from learner_node.accounting import DROP_REASONS, FILTERED, Ledger, dead_reason, trajectory_count
 from learner_node.groups import GroupAssembler, Unit
 from telemetry import metrics
 
@@ -241,7 +241,8 @@ def test_dead_letter_helpers() -> None:
 
 def test_every_drop_reason_is_declared_and_its_series_exists_before_the_first_drop() -> None:
     dead_letters = ("stale: lag 3", "incomplete_group: 1 < 2", "deliveries: 6 > 5", "bad field")
-    assert {dead_reason(r) for r in dead_letters} | {"duplicate"} == set(DROP_REASONS)
+    # Duplicates and zero-variance groups are settled, not dead-lettered: every other reason comes from a dead letter.
+    assert {dead_reason(r) for r in dead_letters} | {"duplicate", FILTERED} == set(DROP_REASONS)
     assert set(metrics.DROP_REASONS) == set(DROP_REASONS)
     exposed = generate_latest(metrics.REGISTRY).decode()
     for reason in DROP_REASONS:

@@ -56,7 +56,7 @@ def test_on_a_terminal_a_live_table_holds_the_numbers() -> None:
         ("policy version", "7"),
         ("reward (mean)", "0.438"),
         ("loss", "-0.012"),
-        ("eval accuracy (start -> now)", "0.125 -> 0.125"),
+        ("eval accuracy, held out (start -> now)", "0.125 -> 0.125"),
         ("throughput (tok/s)", "1234"),
         ("staleness (mean / max versions)", "0.500 / 1"),
         ("samples (step) / dropped (run)", "64 / 3"),
