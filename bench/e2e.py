@@ -46,7 +46,9 @@ def time_to_target(config: str, mode: str, target: float, timeout_s: float, extr
         "time_to_target_s": reached if reached is not None else timeout_s,
         "final_eval_accuracy": progress.eval_accuracy,
         "steps": progress.step,
+        "steps_to_target": progress.reached_target_step,
         "seconds_per_step": progress.elapsed() / max(progress.step, 1),
+        "evals": progress.evals,
     }
 
 
