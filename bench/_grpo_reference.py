@@ -34,8 +34,13 @@ STD_EPS = 1e-4
 
 
 def _encode(rows: list[PromptRow], task: TaskConfig, tokenizer: Any) -> list[list[int]]:
-    special = not uses_chat_template(task.format, tokenizer)
-    return [tokenizer.encode(render_prompt(r.prompt, task.format, tokenizer), add_special_tokens=special) for r in rows]
+    fmt = task.format
+    return [
+        tokenizer.encode(
+            render_prompt(r.prompt, fmt, tokenizer), add_special_tokens=not uses_chat_template(fmt, tokenizer, r.prompt)
+        )
+        for r in rows
+    ]
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

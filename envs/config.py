@@ -73,8 +73,9 @@ class FormatConfig(_Model):
     system_prompt: str = Field("", max_length=100_000, description="system message (chat) or text prefix (plain)")
     chat_template: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="render with the tokenizer's chat template: 'auto' = when the tokenizer has one; "
-        "'off' sends text prompts as they are (conversational prompts then fail)",
+        description="render with the tokenizer's chat template: 'auto' (TRL's rule) = conversational prompts when "
+        "the tokenizer has one, text prompts as they are; 'on' = every prompt, text as one user message; "
+        "'off' = text prompts as they are (conversational prompts then fail)",
     )
     max_prompt_length: int = Field(
         1024, ge=1, le=1_048_576, description="rows whose rendered prompt is longer are dropped (needs a tokenizer)"

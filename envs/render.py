@@ -12,12 +12,18 @@ from envs.config import FormatConfig
 from envs.rows import Message, Prompt, PromptRow
 
 
-def uses_chat_template(fmt: FormatConfig, tokenizer: Any | None) -> bool:
-    """Whether prompts go through the chat template; 'on' without a templated tokenizer is an error."""
+def uses_chat_template(fmt: FormatConfig, tokenizer: Any | None, prompt: Prompt) -> bool:
+    """Whether `prompt` goes through the chat template; 'on' without a templated tokenizer is an error.
+
+    'auto' follows TRL (`trl.data_utils.maybe_apply_chat_template`): a conversational prompt (a list of messages) is
+    templated when the tokenizer has a template, a text prompt is sent as it is, so a TRL dataset's rows reach the
+    model as the same tokens in both. 'on' also templates text prompts, as one user message."""
     has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
     if fmt.chat_template == "on" and not has_template:
         raise ValueError("format.chat_template='on': the tokenizer has no chat_template")
-    return fmt.chat_template != "off" and has_template
+    if fmt.chat_template == "auto":
+        return has_template and not isinstance(prompt, str)
+    return fmt.chat_template == "on"
 
 
 def _as_messages(prompt: Prompt, fmt: FormatConfig) -> list[Message]:
@@ -30,7 +36,7 @@ def _as_messages(prompt: Prompt, fmt: FormatConfig) -> list[Message]:
 def render_prompt(prompt: Prompt, fmt: FormatConfig, tokenizer: Any | None = None) -> str:
     """The text to generate from: chat template with the generation prompt when it applies, else the system prompt
     (if any) and the text prompt separated by a newline."""
-    if uses_chat_template(fmt, tokenizer):
+    if uses_chat_template(fmt, tokenizer, prompt):
         return tokenizer.apply_chat_template(_as_messages(prompt, fmt), tokenize=False, add_generation_prompt=True)
     if not isinstance(prompt, str):
         raise ValueError(f"a conversational prompt needs a chat template (format.chat_template={fmt.chat_template!r})")
@@ -42,8 +48,10 @@ def render_completion(prompt: Prompt, completion: Prompt, fmt: FormatConfig, tok
     messages (rendered by the chat template after the prompt, the prompt's own rendering cut off)."""
     if isinstance(completion, str):
         return completion
-    if not uses_chat_template(fmt, tokenizer):
+    if not uses_chat_template(fmt, tokenizer, completion):
         raise ValueError("a conversational completion needs a tokenizer with a chat template")
+    if isinstance(prompt, str) and fmt.chat_template == "auto":
+        raise ValueError("a conversational completion needs a conversational prompt (or format.chat_template='on')")
     head = render_prompt(prompt, fmt, tokenizer)
     full = tokenizer.apply_chat_template(_as_messages(prompt, fmt) + list(completion), tokenize=False)
     if not full.startswith(head):

@@ -32,7 +32,7 @@ def prompt_token_ids(prompt: Prompt, fmt: FormatConfig, tokenizer: Any) -> list[
     """A prompt's token ids exactly as a rollout node makes them from a task: rendered per `[task.format]`, special
     tokens added only when no chat template (which holds its own) was applied."""
     text = render_prompt(prompt, fmt, tokenizer)
-    return list(tokenizer.encode(text, add_special_tokens=not uses_chat_template(fmt, tokenizer)))
+    return list(tokenizer.encode(text, add_special_tokens=not uses_chat_template(fmt, tokenizer, prompt)))
 
 
 @torch.no_grad()

@@ -161,7 +161,8 @@ class TaskPipeline:
         fmt = self.settings.task.format
         if isinstance(task.prompt, str):
             text = render_prompt(task.prompt, fmt, self.tokenizer)
-            templated = uses_chat_template(fmt, self.tokenizer)  # the template holds its special tokens already
+            # The template holds its special tokens already.
+            templated = uses_chat_template(fmt, self.tokenizer, task.prompt)
             prompt_ids = list(self.tokenizer.encode(text, add_special_tokens=not templated))
             row_prompt = task.prompt
         else:

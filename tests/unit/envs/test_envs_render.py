@@ -11,10 +11,18 @@ from envs.render import prompt_tokens
 from envs.rows import PromptRow
 
 
-def test_text_prompt_goes_through_the_template_when_the_tokenizer_has_one(chat_tokenizer: Any) -> None:
-    fmt = FormatConfig(system_prompt="Add.")
+def test_auto_templates_conversations_and_sends_text_as_it_is_like_trl(chat_tokenizer: Any) -> None:
+    # TRL's maybe_apply_chat_template: only conversational rows are templated; a text prompt reaches the model as is.
+    assert render_prompt("3+4=", FormatConfig(), chat_tokenizer) == "3+4="
+    messages = [{"role": "user", "content": "3+4="}]
+    assert render_prompt(messages, FormatConfig(), chat_tokenizer) == "<|user|>3+4=<|end|>\n<|assistant|>"
+
+
+def test_on_templates_a_text_prompt_as_one_user_message(chat_tokenizer: Any) -> None:
+    fmt = FormatConfig(chat_template="on", system_prompt="Add.")
     assert render_prompt("3+4=", fmt, chat_tokenizer) == "<|system|>Add.<|end|>\n<|user|>3+4=<|end|>\n<|assistant|>"
-    assert render_prompt("3+4=", FormatConfig(), chat_tokenizer) == "<|user|>3+4=<|end|>\n<|assistant|>"
+    on = FormatConfig(chat_template="on")
+    assert render_prompt("3+4=", on, chat_tokenizer) == "<|user|>3+4=<|end|>\n<|assistant|>"
 
 
 def test_a_system_message_in_the_prompt_is_kept_instead_of_the_configured_one(chat_tokenizer: Any) -> None:
@@ -40,4 +48,4 @@ def test_impossible_renderings_are_errors(chat_tokenizer: Any, plain_tokenizer: 
 
 def test_prompt_tokens_counts_the_rendered_prompt(chat_tokenizer: Any) -> None:
     row = PromptRow(id="r", prompt="3+4=")
-    assert prompt_tokens(row, FormatConfig(), chat_tokenizer) == 8  # <|user|> 3 + 4 = <|end|> \n <|assistant|>
+    assert prompt_tokens(row, FormatConfig(chat_template="on"), chat_tokenizer) == 8  # <|user|> 3 + 4 = <|end|> \n <|assistant|>
