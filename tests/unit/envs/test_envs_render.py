@@ -48,4 +48,5 @@ def test_impossible_renderings_are_errors(chat_tokenizer: Any, plain_tokenizer: 
 
 def test_prompt_tokens_counts_the_rendered_prompt(chat_tokenizer: Any) -> None:
     row = PromptRow(id="r", prompt="3+4=")
-    assert prompt_tokens(row, FormatConfig(chat_template="on"), chat_tokenizer) == 8  # <|user|> 3 + 4 = <|end|> \n <|assistant|>
+    # <|user|> 3 + 4 = <|end|> \n <|assistant|>
+    assert prompt_tokens(row, FormatConfig(chat_template="on"), chat_tokenizer) == 8
