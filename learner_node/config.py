@@ -12,12 +12,15 @@ sections; the learner reads [run] [model] [bus] [task] [learner] [broadcast] [te
     lr = 3e-3
 
 Field names follow TRL where TRL has one (num_generations, beta, epsilon, epsilon_high, scale_rewards,
-importance_sampling_level, max_grad_norm, warmup_steps); loss aggregation follows verl's `loss_agg_mode` names.
+importance_sampling_level, max_grad_norm, warmup_steps, temperature, top_p, weight_decay, adam_*); loss aggregation
+follows verl's `loss_agg_mode` names. TRL's GRPOConfig names for the other fields are accepted too (`TRL_ALIASES`,
+e.g. `learning_rate` for `lr`, `loss_type = "dapo"` for `loss_agg = "token-mean"`), and the GRPOConfig names that
+mean nothing here are refused with the reason (`TRL_REFUSED`); docs/learner.md "TRL GRPOConfig -> Slipstream".
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -28,6 +31,54 @@ from telemetry.config import TelemetryConfig
 from weight_broadcast.config import BroadcastConfig
 
 Algorithm = Literal["grpo", "ppo", "dpo"]
+
+# TRL GRPOConfig name -> the [learner] field it sets (the value as it is, except loss_type: TRL_LOSS_TYPES).
+TRL_ALIASES: dict[str, str] = {
+    "learning_rate": "lr",
+    "num_iterations": "ppo_epochs",
+    "max_completion_length": "max_new_tokens",
+    "per_device_train_batch_size": "micro_batch_size",
+    "loss_type": "loss_agg",
+}
+# TRL loss_type -> loss_agg. bnpo normalises by the tokens of TRL's local batch; token-mean here always by the whole
+# step's tokens, the same as bnpo when one TRL step is one batch (one process, gradient_accumulation_steps = 1).
+TRL_LOSS_TYPES: dict[str, str] = {
+    "dapo": "token-mean",
+    "bnpo": "token-mean",
+    "grpo": "seq-mean-token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+}
+# TRL GRPOConfig names with no Slipstream equivalent, refused with the reason (any other unknown key is refused too,
+# as a section forbids extra keys; these get a sentence that says what to set instead).
+TRL_REFUSED: dict[str, str] = {
+    "gradient_accumulation_steps": "Slipstream accumulates gradients over the micro-batches of one step: set "
+    "groups_per_step (groups per optimizer step) and micro_batch_size (sequences per forward/backward)",
+    "steps_per_generation": "rollouts are generated continuously, not as a batch reused over several steps: every "
+    "step trains groups_per_step fresh groups, at most max_staleness versions old",
+    "generation_batch_size": "a step trains groups_per_step groups of num_generations samples, and the rollout nodes "
+    "batch their generation themselves: set groups_per_step",
+    "use_vllm": "generation always runs on rollout nodes (slipstream rollout, or an SGLang server), never in the "
+    "learner: remove it",
+    "vllm_mode": "generation always runs on separate rollout nodes (like TRL's server mode): remove it",
+    "vllm_importance_sampling_correction": "set importance_correction: false is 'none'; true is 'truncate' (or "
+    "'mask') with importance_cap",
+    "vllm_importance_sampling_mode": "set importance_correction ('truncate' or 'mask') and importance_sampling_level "
+    "(which here applies to the clip ratio too, and takes the length-normalised mean of the log-ratios, where TRL's "
+    "sequence modes sum them)",
+    "vllm_importance_sampling_cap": "set importance_cap",
+    "vllm_importance_sampling_clip_max": "set importance_cap",
+    "vllm_importance_sampling_clip_min": "set importance_floor (importance_correction = 'mask'; 'truncate' has no "
+    "lower bound)",
+    "mask_truncated_completions": "Slipstream trains truncated completions with the reward their task gave them; "
+    "there is no option to leave them out: remove it",
+    "top_k": "the learner's tasks sample with temperature and top_p over the whole vocabulary (TRL's top_k = 0): "
+    "remove it",
+    "min_p": "the learner's tasks sample with temperature and top_p only: remove it",
+    "repetition_penalty": "the learner's tasks sample with temperature and top_p only (no penalties): remove it",
+    "lr_scheduler_type": "set lr_scheduler ('constant' or 'cosine' to min_lr_ratio * lr, both after warmup_steps)",
+    "delta": "set dual_clip = delta: for negative advantages it bounds the ratio the same way (when delta > 1 + "
+    "epsilon_high)",
+}
 
 
 class LearnerConfig(Section):
@@ -83,7 +134,9 @@ class LearnerConfig(Section):
         1.0, gt=0, le=10, description="sampling temperature of the tasks; the learner divides its logits by it too"
     )
     top_p: float = Field(1.0, gt=0, le=1, description="top-p of the tasks' sampling")
-    max_new_tokens: int = Field(64, ge=1, le=1_000_000, description="longest response of a task (and of eval)")
+    max_new_tokens: int = Field(
+        64, ge=1, le=1_000_000, description="longest response of a task (and of eval); TRL: max_completion_length"
+    )
     max_staleness: int = Field(
         2,
         ge=0,
@@ -102,11 +155,15 @@ class LearnerConfig(Section):
         2, ge=1, le=1024, description="smallest group trained (GRPO/online DPO need >= 2 for a baseline or a pair)"
     )
     micro_batch_size: int = Field(
-        64, ge=1, le=100_000, description="sequences per forward/backward; gradients accumulate over micro-batches"
+        64,
+        ge=1,
+        le=100_000,
+        description="sequences per forward/backward; gradients accumulate over the step's micro-batches (TRL: "
+        "per_device_train_batch_size)",
     )
 
     # --- optimizer ---------------------------------------------------------------------------------------------
-    lr: float = Field(1e-6, gt=0, le=1.0, description="peak learning rate of AdamW")
+    lr: float = Field(1e-6, gt=0, le=1.0, description="peak learning rate of AdamW (TRL: learning_rate)")
     weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW decoupled weight decay")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2")
@@ -121,13 +178,19 @@ class LearnerConfig(Section):
 
     # --- policy loss (GRPO and PPO) ----------------------------------------------------------------------------
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
-        "token-mean", description="loss aggregation over the whole step's tokens (verl's loss_agg_mode)"
+        "token-mean",
+        description="loss aggregation over the whole step's tokens (verl's loss_agg_mode). TRL: loss_type dapo or "
+        "bnpo = token-mean (bnpo's local batch is the whole step when one step is one batch), grpo = "
+        "seq-mean-token-mean, dr_grpo = seq-mean-token-sum-norm (divisor max_new_tokens)",
     )
     epsilon: float = Field(0.2, ge=0, le=1, description="lower clip of the ratio: 1 - epsilon")
     epsilon_high: float | None = Field(None, ge=0, le=10, description="upper clip 1 + epsilon_high (None: epsilon)")
     dual_clip: float | None = Field(None, gt=1, le=100, description="dual-clip bound c for negative advantages")
-    importance_correction: Literal["truncate", "mask", "none"] = Field(
-        "truncate", description="off-policy weight pi_prox/pi_behav: truncated (TIS), masked (MIS/IcePop) or raw"
+    importance_correction: Literal["truncate", "mask", "raw", "none"] = Field(
+        "truncate",
+        description="off-policy weight w = pi_prox/pi_behav: truncated at importance_cap (TIS), masked outside "
+        "[importance_floor, importance_cap] (MIS/IcePop), raw (w unbounded: AReaL's decoupled PPO without a cap) or "
+        "none (weight 1: no correction, TRL's vllm_importance_sampling_correction = false)",
     )
     importance_cap: float = Field(2.0, gt=0, le=1e6, description="upper bound of the importance weight")
     importance_floor: float = Field(0.0, ge=0, le=1, description="lower bound of the importance weight (mask only)")
@@ -135,7 +198,9 @@ class LearnerConfig(Section):
         "token", description="ratios per token, or per sequence (GSPO: length-normalised)"
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
-        "group", description="divide group-centred rewards by the group's std, the batch's std, or nothing"
+        "group",
+        description="divide group-centred rewards by the group's std, the batch's std, or nothing (TRL's true / "
+        "false are taken as group / none)",
     )
     advantage_estimator: Literal["grpo", "rloo"] = Field(
         "grpo", description="group baseline: the group mean (grpo) or the mean of the others (rloo)"
@@ -167,7 +232,8 @@ class LearnerConfig(Section):
         1,
         ge=1,
         le=100,
-        description="optimizer updates per batch; > 1 recomputes the proximal logprobs in a no-grad pass first",
+        description="optimizer updates per batch; > 1 recomputes the proximal logprobs in a no-grad pass first "
+        "(TRL: num_iterations)",
     )
 
     # --- PPO critic --------------------------------------------------------------------------------------------
@@ -207,6 +273,12 @@ class LearnerConfig(Section):
         7 * 86_400.0, gt=0, le=365 * 86_400, description="trained ids are remembered this long (duplicate check)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _trl_names(cls, data: Any) -> Any:
+        """TRL GRPOConfig names -> Slipstream's (TRL_ALIASES); the TRL names that mean nothing here are refused."""
+        return from_trl_names(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _consistent(self) -> LearnerConfig:
         if self.nnodes > 1 and self.rdzv_endpoint is None:
@@ -221,6 +293,33 @@ class LearnerConfig(Section):
         if self.importance_floor >= self.importance_cap:
             raise ValueError(f"importance_floor ({self.importance_floor}) must be < importance_cap")
         return self
+
+
+def from_trl_names(data: dict[str, Any]) -> dict[str, Any]:
+    """A [learner] table with TRL's GRPOConfig names rewritten to Slipstream's; ValueError names the field."""
+    refused = [name for name in data if name in TRL_REFUSED]
+    if refused:
+        raise ValueError("; ".join(f"{name}: TRL's GRPOConfig setting, not used by Slipstream: {TRL_REFUSED[name]}"
+                                   for name in refused))  # fmt: skip
+    out = dict(data)
+    for alias, name in TRL_ALIASES.items():
+        if alias not in out:
+            continue
+        if name in out:
+            raise ValueError(f"{alias} and {name}: both given, but {alias} is TRL's name for {name}: set one of them")
+        value = out.pop(alias)
+        if alias == "loss_type":
+            if not isinstance(value, str) or value not in TRL_LOSS_TYPES:
+                accepted = ", ".join(f"{k!r} (loss_agg {v!r})" for k, v in TRL_LOSS_TYPES.items())
+                raise ValueError(
+                    f"loss_type: {value!r} is not accepted; accepted: {accepted} (TRL's cispo, sapo, luspo and vespo "
+                    "are other losses, which Slipstream does not implement)"
+                )
+            value = TRL_LOSS_TYPES[value]
+        out[name] = value
+    if isinstance(out.get("scale_rewards"), bool):  # TRL also takes true / false for "group" / "none"
+        out["scale_rewards"] = "group" if out["scale_rewards"] else "none"
+    return out
 
 
 class LearnerSettings(NodeSettings):

@@ -26,7 +26,7 @@ from learner_node.algorithms.common import (
 from learner_node.algorithms.kl import kl_penalty
 from learner_node.algorithms.logits import token_entropy
 
-ImportanceCorrection = Literal["truncate", "mask", "none"]
+ImportanceCorrection = Literal["truncate", "mask", "raw", "none"]
 SamplingLevel = Literal["token", "sequence"]
 
 
@@ -63,19 +63,21 @@ def policy_loss(
     importance_correction gives w'_t:
       truncate (TIS): w'_t = min(w_t, importance_cap)
       mask (MIS / IcePop): w'_t = w_t if importance_floor <= w_t <= importance_cap else 0
-      none: w'_t = w_t (AReaL's decoupled PPO without a cap; unbounded)
+      raw: w'_t = w_t (AReaL's decoupled PPO without a cap; unbounded)
+      none: w'_t = 1, no correction (TRL's vllm_importance_sampling_correction=False): the behaviour policy is
+        treated as pi_prox; w is still reported in the metrics
     importance_sampling_level="sequence" (GSPO, arXiv 2507.18071) replaces both log-ratios by their mean over the
     sequence's trained tokens (length-normalised geometric mean), so a whole sequence is clipped, truncated or
     masked together: log r_i = (1/N_i) sum_t m_it (logprobs_it - proximal_it), the same for w.
     The loss is `aggregate_loss(L, mask, loss_agg, max_tokens)`.
 
     Metrics (over trained tokens): loss; clip_frac_low (A < 0, r < 1 - epsilon); clip_frac_high (A > 0,
-    r > 1 + epsilon_high); dual_clip_frac; ratio_mean; importance_weight_mean / _max (w before correction);
-    importance_truncated_frac (TIS: w > cap); importance_masked_frac (MIS: w outside [floor, cap]); approx_kl
-    (k3 estimate of KL(mu || pi_theta)); mismatch_kl (KL(mu || pi_prox), the rollout/learner mismatch);
-    entropy (only when logits are given); tokens (count of trained tokens).
+    r > 1 + epsilon_high); dual_clip_frac; ratio_mean; importance_weight_mean / _max (w before correction, for
+    none too, as a diagnostic); importance_truncated_frac (TIS: w > cap); importance_masked_frac (MIS: w outside
+    [floor, cap]); approx_kl (k3 estimate of KL(mu || pi_theta)); mismatch_kl (KL(mu || pi_prox), the
+    rollout/learner mismatch); entropy (only when logits are given); tokens (count of trained tokens).
     """
-    check_choice("importance_correction", importance_correction, ("truncate", "mask", "none"))
+    check_choice("importance_correction", importance_correction, ("truncate", "mask", "raw", "none"))
     check_choice("importance_sampling_level", importance_sampling_level, ("token", "sequence"))
     check_range("epsilon", epsilon, low=0.0, high=1.0)
     if epsilon_high is not None:
@@ -146,10 +148,12 @@ def _correct(
     log_weight: torch.Tensor, correction: str, floor: float, cap: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Importance weights [B, T] from log w [B, T] -> (w', truncated [B, T] bool, masked out [B, T] bool)."""
-    log_cap = math.log(cap)
-    # Clamping before exp keeps huge gaps finite; for "none" the weight is unbounded by request.
-    weight = log_weight.exp() if correction == "none" else log_weight.clamp(max=log_cap).exp()
     no_tokens = torch.zeros_like(log_weight, dtype=torch.bool)
+    if correction == "none":
+        return torch.ones_like(log_weight), no_tokens, no_tokens
+    log_cap = math.log(cap)
+    # Clamping before exp keeps huge gaps finite; for "raw" the weight is unbounded by request.
+    weight = log_weight.exp() if correction == "raw" else log_weight.clamp(max=log_cap).exp()
     if correction == "truncate":
         return weight, log_weight > log_cap, no_tokens
     if correction == "mask":

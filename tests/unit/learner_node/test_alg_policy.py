@@ -50,6 +50,8 @@ def reference_policy_loss(
                 w = min(w, importance_cap)
             elif importance_correction == "mask":
                 w = w if importance_floor <= w <= importance_cap else 0.0
+            elif importance_correction == "none":
+                w = 1.0  # no correction; "raw" keeps w as it is
             a = float(advantages[b] if advantages.dim() == 1 else advantages[b, t])
             objective = torch.minimum(r * a, torch.clamp(r, 1 - epsilon, 1 + high) * a)
             if dual_clip is not None and a < 0:
@@ -87,6 +89,7 @@ CONFIGS: list[dict[str, Any]] = [
     {"dual_clip": 3.0},
     {"importance_correction": "mask", "importance_floor": 0.7, "importance_cap": 1.3},
     {"importance_correction": "none"},
+    {"importance_correction": "raw"},
     {"importance_correction": "truncate", "importance_cap": 1.1},
     {"importance_sampling_level": "sequence", "epsilon": 0.05},
     {"importance_sampling_level": "sequence", "importance_correction": "mask", "importance_cap": 1.2},
@@ -110,7 +113,7 @@ def test_policy_loss_matches_reference(config: dict[str, Any], per_token_advanta
     torch.testing.assert_close(grad, expected_grad)
 
 
-@pytest.mark.parametrize("config", CONFIGS[:8], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("config", CONFIGS[:9], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
 def test_policy_loss_gradcheck(config: dict[str, Any]) -> None:
     logprobs, proximal, behavior, advantages, mask = random_batch(batch=3, steps=4, seed=11)
     assert torch.autograd.gradcheck(
@@ -158,7 +161,7 @@ def test_on_policy_reduces_to_the_plain_policy_gradient(level: str, loss_agg: st
 def test_a_cap_above_every_weight_equals_no_truncation(level: str) -> None:
     logprobs, proximal, behavior, advantages, mask = random_batch(seed=4, gap=1.0)
     uncapped, _ = policy_loss(
-        logprobs, proximal, behavior, advantages, mask, importance_correction="none", importance_sampling_level=level
+        logprobs, proximal, behavior, advantages, mask, importance_correction="raw", importance_sampling_level=level
     )
     for correction in ("truncate", "mask"):
         capped, metrics = policy_loss(
@@ -175,6 +178,24 @@ def test_a_cap_above_every_weight_equals_no_truncation(level: str) -> None:
         assert metrics["importance_truncated_frac"] == metrics["importance_masked_frac"] == 0
     truncated, metrics = policy_loss(logprobs, proximal, behavior, advantages, mask, importance_cap=1.01)
     assert metrics["importance_truncated_frac"] > 0 and not torch.allclose(truncated, uncapped)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_no_correction_weighs_every_token_one(level: str) -> None:
+    # "none" (TRL's vllm_importance_sampling_correction=False): w' = 1, as if the samples came from pi_prox itself
+    logprobs, proximal, behavior, advantages, mask = random_batch(seed=15, gap=1.0)
+    none: dict[str, Any] = {"importance_correction": "none", "importance_sampling_level": level}
+    raw: dict[str, Any] = {"importance_correction": "raw", "importance_sampling_level": level}
+    loss, metrics = policy_loss(logprobs, proximal, behavior, advantages, mask, **none)
+    on_policy, _ = policy_loss(logprobs, proximal, proximal, advantages, mask, **raw)
+    weighted, raw_metrics = policy_loss(logprobs, proximal, behavior, advantages, mask, **raw)
+    torch.testing.assert_close(loss, on_policy)
+    torch.testing.assert_close(torch.autograd.grad(loss, logprobs)[0], torch.autograd.grad(on_policy, logprobs)[0])
+    assert not torch.allclose(loss, weighted)  # the weights are far from 1 here: applying them would show
+    # the raw weight is still reported (a diagnostic of the mismatch); nothing is truncated or masked
+    assert metrics["importance_weight_mean"] == raw_metrics["importance_weight_mean"] != 1
+    assert metrics["importance_weight_max"] == raw_metrics["importance_weight_max"]
+    assert metrics["importance_truncated_frac"] == metrics["importance_masked_frac"] == 0
 
 
 def test_equal_rewards_in_a_group_give_zero_gradient() -> None:
@@ -221,7 +242,9 @@ def test_empty_mask_gives_zero_loss_and_gradient(loss_agg: str) -> None:
 
 @pytest.mark.parametrize(
     ("correction", "level", "dtype"),
-    list(itertools.product(["truncate", "mask", "none"], ["token", "sequence"], [torch.float32, torch.bfloat16])),
+    list(
+        itertools.product(["truncate", "mask", "raw", "none"], ["token", "sequence"], [torch.float32, torch.bfloat16])
+    ),
 )
 def test_extreme_logprob_gaps_stay_finite(correction: str, level: str, dtype: torch.dtype) -> None:
     # one column per case, as (log w, log pi_theta - log mu): every pair of the three logprobs is 0 or 50 nats apart
