@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -108,13 +109,34 @@ def build_value_head(policy: PreTrainedModel, runtime: Runtime) -> nn.Linear:
     return head
 
 
+# Weight decay skips biases and norm scales, as transformers' Trainer does (`get_decay_parameter_names`, which
+# TRL's trainers use): by name, or by shape (every 1-D parameter of a causal LM is a bias or a norm scale).
+_NO_DECAY_NAME = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)", re.IGNORECASE)
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether AdamW's weight decay applies to the parameter `name`: matrices and embeddings yes, biases and
+    LayerNorm/RMSNorm weights no."""
+    return param.ndim >= 2 and not _NO_DECAY_NAME.search(name)
+
+
 def build_optimizer(cfg: LearnerConfig, modules: list[nn.Module]) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of `modules`."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    """AdamW over the trainable parameters of `modules`: `weight_decay` on the matrices and embeddings, none on
+    biases and norm weights (the same split as transformers' Trainer). Without weight decay the split changes
+    nothing, so there is one parameter group: checkpoints written before the split still load (DCP keys the
+    optimizer's state by group index)."""
+    named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
+    if cfg.weight_decay == 0:
+        groups = [{"params": [p for _, p in named], "weight_decay": 0.0}]
+    else:
+        groups = [
+            {"params": [p for n, p in named if decays(n, p)], "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0},
+        ]
     # foreach explicitly: for FSDP2's DTensor parameters the default falls back to the per-tensor loop, slower.
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, foreach=True
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=betas, eps=cfg.adam_epsilon, foreach=True
     )
 
 

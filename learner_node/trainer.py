@@ -37,6 +37,7 @@ from learner_node.algorithms import (
     group_advantages,
     kl_penalty,
     masked_mean,
+    nucleus_logits,
     online_dpo_pairs,
     policy_loss,
     token_entropy,
@@ -251,6 +252,8 @@ class Trainer:
     def _logprobs(self, model: nn.Module, batch: Batch, value_head: nn.Module | None = None) -> tuple:
         temperature = 1.0 if self.cfg.algorithm == "dpo" else self.cfg.temperature
         logits, values = forward(model, batch, self.runtime, temperature=temperature, value_head=value_head)
+        if self.cfg.algorithm != "dpo":  # the distribution the rollouts sampled from: top-p's nucleus too
+            logits = nucleus_logits(logits, batch.response_ids, self.cfg.top_p)
         return token_logprobs(logits, batch.response_ids), logits, values
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ from learner_node.algorithms.advantages import gae, group_advantages, vtrace
 from learner_node.algorithms.common import LOSS_AGG_MODES, LossAgg, Metrics, aggregate_loss, masked_mean
 from learner_node.algorithms.dpo import dpo_loss, online_dpo_pairs
 from learner_node.algorithms.kl import kl_penalty
-from learner_node.algorithms.logits import entropy_from_logits, token_entropy, token_logprobs
+from learner_node.algorithms.logits import entropy_from_logits, nucleus_logits, token_entropy, token_logprobs
 from learner_node.algorithms.policy import policy_loss
 from learner_node.algorithms.staleness import StalenessFilter, filter_stale, version_lag
 from learner_node.algorithms.value import value_loss
@@ -26,6 +26,7 @@ __all__ = [
     "group_advantages",
     "kl_penalty",
     "masked_mean",
+    "nucleus_logits",
     "online_dpo_pairs",
     "policy_loss",
     "token_entropy",

@@ -83,6 +83,30 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *, chunk_rows:
     return _apply(logits, token_ids, "logprob", chunk_rows)
 
 
+def nucleus_logits(logits: torch.Tensor, token_ids: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The logits of the top-p nucleus, -inf elsewhere: logits [B, T, V], token_ids [B, T] -> [B, T, V].
+
+    The rollout engines sample from the nucleus renormalised (transformers' TopPLogitsWarper rule: drop the least
+    likely tokens whose cumulative probability stays <= 1 - top_p, always keep the most likely) and report the
+    behaviour logprob under it; the learner must differentiate that same distribution, or on-policy importance
+    weights are the nucleus mass (< 1) rather than 1. The sampled token `token_ids` is always kept: under newer
+    weights it may have left the nucleus, and a finite logprob (the renormalised one over nucleus + token) keeps
+    ratios finite. top_p >= 1 returns `logits` itself. The mask carries no gradient; kept logits keep theirs.
+    """
+    check_shapes(logits.shape[:-1], token_ids=token_ids)
+    if top_p >= 1.0:
+        return logits
+    with torch.no_grad():
+        drop = torch.empty(logits.shape, dtype=torch.bool, device=logits.device)
+        for b in range(logits.shape[0]):  # one sequence's [T, V] sort at a time bounds the scratch memory
+            ascending, order = logits[b].float().sort(dim=-1)
+            drop_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - top_p
+            drop_sorted[:, -1] = False
+            drop[b] = drop_sorted.scatter(-1, order, drop_sorted)
+        drop.scatter_(-1, token_ids.long()[..., None], False)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def token_entropy(logits: torch.Tensor, *, chunk_rows: int | None = None) -> torch.Tensor:
     """Entropy of each next-token distribution: logits [B, T, V] -> [B, T], H = -sum_v p_v log p_v.
 

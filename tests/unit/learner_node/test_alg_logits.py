@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from transformers import TopPLogitsWarper
 
-from learner_node.algorithms import entropy_from_logits, token_entropy, token_logprobs
+from learner_node.algorithms import entropy_from_logits, nucleus_logits, token_entropy, token_logprobs
 
 
 def random_logits(dtype: torch.dtype = torch.float64, shape: tuple[int, int, int] = (3, 5, 7)) -> torch.Tensor:
@@ -86,3 +87,19 @@ def test_entropy_from_logits_masks_and_empty_mask() -> None:
         entropy_from_logits(logits, mask[:, :4])
     with pytest.raises(ValueError, match="token_ids"):
         token_logprobs(logits, torch.zeros(3, 4, dtype=torch.long))
+
+
+def test_nucleus_logits_keep_the_top_p_nucleus_and_the_sampled_token() -> None:
+    logits = torch.randn(3, 5, 50, requires_grad=True)
+    tokens = logits.detach().argmin(-1)  # the least likely token: outside every nucleus, yet it was sampled
+    kept = nucleus_logits(logits, tokens, 0.8)
+    warped = TopPLogitsWarper(0.8)(None, logits.detach().reshape(15, 50).clone()).view(3, 5, 50)
+    expected = warped.scatter(-1, tokens[..., None], logits.detach().gather(-1, tokens[..., None]))
+    assert torch.equal(kept.detach(), expected)
+    logprobs = token_logprobs(kept, tokens)
+    assert torch.isfinite(logprobs).all()
+    logprobs.sum().backward()
+    grad = logits.grad
+    assert grad is not None and torch.isfinite(grad).all()
+    assert (grad[torch.isinf(kept.detach())] == 0).all()  # dropped tokens get no gradient
+    assert nucleus_logits(logits, tokens, 1.0) is logits
