@@ -43,7 +43,7 @@ def time_to_target(config: str, mode: str, target: float, timeout_s: float, extr
     return {
         "exit_code": code,
         "reached_target": reached is not None,
-        "time_to_target_s": reached if reached is not None else timeout_s,
+        "time_to_target_s": reached if reached is not None else progress.elapsed(),  # unreached: all it ran
         "final_eval_accuracy": progress.eval_accuracy,
         "steps": progress.step,
         "steps_to_target": progress.reached_target_step,
