@@ -76,6 +76,8 @@ TRL_REFUSED: dict[str, str] = {
     "min_p": "the learner's tasks sample with temperature and top_p only: remove it",
     "repetition_penalty": "the learner's tasks sample with temperature and top_p only (no penalties): remove it",
     "lr_scheduler_type": "set lr_scheduler ('constant' or 'cosine' to min_lr_ratio * lr, both after warmup_steps)",
+    "use_bias_correction_kl": "Slipstream's KL penalty (beta, kl_estimator) is not weighted by the ratio, which is "
+    "TRL's use_bias_correction_kl = false (TRL's default true adds a gradient term): remove it",
     "delta": "set dual_clip = delta: for negative advantages it bounds the ratio the same way (when delta > 1 + "
     "epsilon_high)",
 }

@@ -133,6 +133,7 @@ REFUSED_TRL_NAMES = [  # (name, part of its reason)
     ("min_p", "temperature and top_p"),
     ("repetition_penalty", "temperature and top_p"),
     ("lr_scheduler_type", "set lr_scheduler"),
+    ("use_bias_correction_kl", "not weighted by the ratio"),
     ("delta", "set dual_clip"),
 ]
 
