@@ -142,6 +142,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", default="configs/demo.toml", help="the recipe: every section but [task] is used")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per task (model initialisation and sampling)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
     parser.add_argument("--max-steps", type=int, default=600, help="steps allowed per run")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run")
@@ -150,13 +151,14 @@ def main(argv: list[str]) -> int:
     args.systems = [s for s in args.systems.split(",") if s]
     names = [t for t in args.tasks.split(",") if t]
     unknown = [n for n in names if n not in TASKS] + [s for s in args.systems if s not in SYSTEMS]
-    if unknown or args.seeds < 1 or args.max_steps < 1:
-        parser.error(f"unknown tasks/systems {unknown}; --seeds and --max-steps must be >= 1")
+    if unknown or args.seeds < 1 or args.max_steps < 1 or args.first_seed < 0:
+        parser.error(f"unknown tasks/systems {unknown}; --seeds and --max-steps must be >= 1, --first-seed >= 0")
     base = Path(args.config).read_text()
     result: dict[str, Any] = {"config": args.config, "max_steps": args.max_steps, "tasks": {}}
     with contextlib.redirect_stdout(sys.stderr):  # progress goes to stderr; stdout carries the result only
         for name in names:
-            runs = [run_task(TASKS[name], base, seed, args) for seed in range(args.seeds)]
+            seeds = range(args.first_seed, args.first_seed + args.seeds)
+            runs = [run_task(TASKS[name], base, seed, args) for seed in seeds]
             result["tasks"][name] = summarise(TASKS[name], runs, args.max_steps)
     if args.json:
         print(json.dumps(result))
