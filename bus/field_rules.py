@@ -13,16 +13,15 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 
-from bus.schema import LOGPROB_TOLERANCE, MessageError
+from bus.schema import LOGPROB_FLOOR, LOGPROB_TOLERANCE, MAX_ABS_REWARD, MessageError
 
 # Little-endian wire dtypes; on a little-endian host these are numpy's native singletons, so `is` compares them.
 WIRE_INT32 = np.dtype("<i4")  # token ids
 WIRE_FLOAT32 = np.dtype("<f4")  # log-probabilities
 WIRE_UINT8 = np.dtype("u1")  # loss masks
 _U32 = np.dtype("<u4")
-# float32 bits read as int32: 0xff7fffff (-3.4028235e38), the greatest pattern of a negative finite float.
-_NEGATIVE_FINITE_BITS = -0x00800001
-_INF = math.inf  # a module global: one look-up less per use on hot paths
+# float32 bits read as int32: those of LOGPROB_FLOOR, the greatest pattern of a negative float >= the floor.
+_NEGATIVE_FINITE_BITS = int(np.array([LOGPROB_FLOOR], "<f4").view("<i4")[0])
 # Which numpy dtype kinds may be converted to each wire dtype without changing meaning (range checked separately).
 _CONVERTIBLE_KINDS = {WIRE_INT32: "iu", WIRE_FLOAT32: "fiu", WIRE_UINT8: "biu"}
 
@@ -130,6 +129,11 @@ def check_real(value: Any, field: str, low: float = -math.inf, high: float = mat
     return _within(value, field, low, high)
 
 
+def check_reward(value: Any, field: str) -> float:
+    """A finite reward within +-MAX_ABS_REWARD."""
+    return check_real(value, field, low=-MAX_ABS_REWARD, high=MAX_ABS_REWARD)
+
+
 def _within(value: _Number, field: str, low: float, high: float) -> _Number:
     """`value` if low <= value <= high; else the MessageError naming the bound it breaks."""
     if value < low:
@@ -166,8 +170,8 @@ def check_rewards(rewards: Any, field: str) -> None:
     for name, value in rewards.items():
         if type(name) is not str or not name:
             raise MessageError(field, f"names must be non-empty strings (got {show(name)})")
-        if type(value) is not float or not -_INF < value < _INF:  # the common case builds no field path
-            check_real(value, f"{field}.{name}")
+        if type(value) is not float or not -MAX_ABS_REWARD <= value <= MAX_ABS_REWARD:  # no field path built
+            check_reward(value, f"{field}.{name}")
 
 
 # ----------------------------------------------------------------------------------------------------- array checks
@@ -224,8 +228,9 @@ def ids_in_range(ids: np.ndarray, vocab_size: int | None, wire_bytes: bytes | No
 def all_negative_finite(logprobs: np.ndarray) -> bool:
     """Whether float32 logprobs [N >= 1] are all finite and < 0 (or -0.0), with ONE numpy reduction.
 
-    Read as int32, those float32 bit patterns are exactly the ones <= _NEGATIVE_FINITE_BITS (sign bit set, exponent
-    not all ones); NaN, -inf and every value >= +0.0 are greater. False does not mean invalid: 0.0 and positive
+    Whether they are all in [LOGPROB_FLOOR, -0.0]: read as int32, those float32 bit patterns are exactly the ones
+    <= _NEGATIVE_FINITE_BITS (sign bit set, magnitude at most the floor's); NaN, -inf, values below the floor and
+    every value >= +0.0 are greater. False does not mean invalid: 0.0 and positive
     values up to LOGPROB_TOLERANCE are valid and are left to the exact check.
     """
     bits = logprobs.view(WIRE_INT32)
@@ -254,19 +259,22 @@ def check_tokens(value: Any, field: str, limits: Limits) -> np.ndarray:
 
 
 def check_logprobs(value: Any, field: str, length: int, length_field: str) -> None:
-    """float32 [length] log-probabilities: finite and <= 0 (+ LOGPROB_TOLERANCE)."""
+    """float32 [length] log-probabilities: finite, >= LOGPROB_FLOOR and <= 0 (+ LOGPROB_TOLERANCE)."""
     logprobs = _array(value, WIRE_FLOAT32, field)
     if len(logprobs) != length:
         raise MessageError(length_field, f"length {length} != {field.rpartition('.')[2]} length {len(logprobs)}")
     if all_negative_finite(logprobs):
         return
     # argmax/argmin return the first NaN if there is one, so these two cheap calls catch nan, +-inf and > tolerance.
-    if logprobs[logprobs.argmax()] <= LOGPROB_TOLERANCE and logprobs[logprobs.argmin()] > -math.inf:
+    if logprobs[logprobs.argmax()] <= LOGPROB_TOLERANCE and logprobs[logprobs.argmin()] >= LOGPROB_FLOOR:
         return
     finite = np.isfinite(logprobs)
     if not finite.all():
         position = int(finite.argmin())
         raise MessageError(field, f"must be finite (got {logprobs[position]} at position {position})")
+    position = int(logprobs.argmin())
+    if logprobs[position] < LOGPROB_FLOOR:
+        raise MessageError(field, f"log-probability {logprobs[position]} < {LOGPROB_FLOOR} at position {position}")
     position = int(logprobs.argmax())
     raise MessageError(field, f"log-probability {logprobs[position]} > 0 at position {position} (impossible)")
 

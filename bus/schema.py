@@ -20,6 +20,11 @@ SCHEMA_VERSION = 1
 
 # A log-probability cannot be positive; this much above 0 is tolerated as floating-point noise.
 LOGPROB_TOLERANCE = 1e-4
+# No sampler draws a token of probability e^-1000 (it underflows every float): a lower log-probability is a producer's
+# bug, and one of -3.4e38 would turn importance weights and KL metrics into infinities.
+LOGPROB_FLOOR = -1000.0
+# Rewards are bounded so group advantages (r - mean, divided by a std of squares) stay finite and exact in float64.
+MAX_ABS_REWARD = 1e9
 
 # Bytes per element of every tensor dtype a `Weights` layout may name (torch dtype names without "torch.").
 DTYPE_SIZES: dict[str, int] = {

@@ -28,6 +28,7 @@ from bus.field_rules import (
     check_meta,
     check_name,
     check_real,
+    check_reward,
     check_rewards,
     check_tokens,
     check_version_ranges,
@@ -40,6 +41,7 @@ from bus.field_rules import (
 from bus.schema import (
     DTYPE_SIZES,
     LOGPROB_TOLERANCE,
+    MAX_ABS_REWARD,
     Group,
     Join,
     MessageError,
@@ -132,7 +134,7 @@ def _scalars_are_plain(
         and type(group_id) is str and 0 < len(group_id) <= MAX_NAME_CHARS
         and type(producer) is str and 0 < len(producer) <= MAX_NAME_CHARS
         and type(finish_reason) is str and 0 < len(finish_reason) <= MAX_NAME_CHARS
-        and type(reward) is float and -_INF < reward < _INF
+        and type(reward) is float and -MAX_ABS_REWARD <= reward <= MAX_ABS_REWARD
         and type(created_at) is float and 0.0 <= created_at < _INF
         and type(version) is int and 0 <= version <= INT64_MAX
     )  # fmt: skip
@@ -212,7 +214,7 @@ def _check_trajectory_rules(traj: Trajectory, limits: Limits, prefix: str, encod
     check_logprobs(traj.behavior_logprobs, prefix + "behavior_logprobs", length, prefix + "response_ids")
     if traj.loss_mask is not None:
         check_mask(traj.loss_mask, prefix + "loss_mask", length, prefix + "response_ids")
-    check_real(traj.reward, prefix + "reward")
+    check_reward(traj.reward, prefix + "reward")
     check_rewards(traj.rewards, prefix + "rewards")
     check_integer(traj.policy_version, prefix + "policy_version")
     if traj.version_ranges is not None:

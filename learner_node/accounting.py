@@ -49,7 +49,8 @@ from telemetry.metrics import BUS_MESSAGES, LEARNER_DROPPED_SAMPLES
 
 log = structlog.get_logger(__name__)
 
-LEARNER_REASONS = ("stale", "incomplete_group")  # reasons of the learner's own dead letters ("<reason>: detail")
+# The reasons of the learner's own dead letters ("<reason>: detail").
+LEARNER_REASONS = ("stale", "incomplete_group", "nonfinite_gradient")
 CONSUMER_REASONS = ("invalid", "poison")  # the consumer's dead letters: a broken message, or too many deliveries
 # Every reason a trajectory is dropped for: the `dropped:<reason>` fields of the hash and the `reason` label values of
 # slipstream_learner_dropped_samples_total (telemetry creates each series at 0, so rate() and alerts see a first drop).

@@ -179,10 +179,16 @@ def split_trained(units: list[Unit], seen: Callable[[list[str]], list[bool]]) ->
 
 
 def drop_repeats(units: list[Unit]) -> tuple[list[Unit], list[Received]]:
-    """The step's units with every message kept once (the first occurrence, in order): -> (units, entries of the
-    removed repeats). Two ranks can hold copies of one message (an entry claimed by both, or published twice);
-    every rank runs this on the same gathered list and so removes the same copies."""
+    """The step's units with every message and every trajectory kept once (the first occurrence, in order):
+    -> (units, entries of the removed repeats).
+
+    Two ranks can hold copies of one message (an entry claimed by both, or published twice): the copy's entry is
+    released uncounted. Two different group messages can carry the same trajectory id (a producer, or a hostile
+    one, publishing a member again in another group): the later member is removed and counted in `duplicates`, as
+    `split_trained` does across steps, so no trajectory is trained twice in a step. Every rank runs this on the same
+    gathered list and so removes the same copies."""
     seen: set[str] = set()
+    members: set[str] = set()
     kept: list[Unit] = []
     repeats: list[Received] = []
     for unit in units:
@@ -192,6 +198,10 @@ def drop_repeats(units: list[Unit]) -> tuple[list[Unit], list[Received]]:
             repeats += unit.without(again)
             if not unit.message_ids:
                 continue
+        fresh = [s for s in unit.samples if s.id not in members]
+        unit.duplicates += len(unit.samples) - len(fresh)
+        unit.samples = fresh
+        members.update(s.id for s in fresh)
         kept.append(unit)
     return kept, repeats
 

@@ -120,6 +120,7 @@ class LearnerNode:
         self._last_progress = time.monotonic()
         self._freed = 0  # admission tasks dropped on this rank since the last exchange
         self._filtered = 0  # groups dynamic sampling filtered on this rank since the last step
+        self.nonfinite_steps = 0  # steps skipped because their gradient was not finite
         self.broadcast_version = 0  # the newest version handed to the broadcast: new tasks' min_version
         self._checkpointed = -1  # the step of the newest checkpoint written by this run
 
@@ -326,6 +327,8 @@ class LearnerNode:
         if incomplete:
             self._drop(incomplete, "incomplete_group", f"fewer than min_group_size ({self.cfg.min_group_size})")
         self.ready += ready
+        # A version the learner has not reached was made by no weights it ever sent (a forged version, or weights of a
+        # run since resumed from an older checkpoint): its staleness would read 0, so it is refused, not trained.
         limit = self.cfg.max_staleness
         stale = [u for u in self.ready if u.pair is None and self.version - u.min_version > limit]
         if stale:
@@ -398,6 +401,9 @@ class LearnerNode:
         metrics = self.trainer.step(units)
         self._filtered = 0
         mine = [u for u in units if u.received]
+        if metrics.pop("nonfinite_gradient"):
+            self._refuse_nonfinite(mine, metrics)
+            return
         counts = self.ledger.settle(mine, tasks=sum(1 for u in mine if self._is_task(u)))
         self.step += 1
         self.version += 1
@@ -411,6 +417,17 @@ class LearnerNode:
             self.admission.record(trained=sum(1 for u in units if self._is_task(u)), dropped=0)
         if self.rank == 0:
             self._report(units, metrics, seconds, counts)
+
+    def _refuse_nonfinite(self, mine: list[Unit], metrics: dict[str, float]) -> None:
+        """A step whose gradient was NaN or infinite applied nothing (Trainer._optimizer_step): its messages go to the
+        dead stream with the reason, the step and the version stay, and /healthz and an alert say so."""
+        self.nonfinite_steps += 1
+        m.LEARNER_NONFINITE_STEPS.inc()
+        detail = f"loss {metrics.get('loss')} grad_norm {metrics.get('grad_norm')} at step {self.step + 1}; not applied"
+        self._drop(mine, "nonfinite_gradient", detail)
+        self._last_progress = time.monotonic()
+        log.error("non-finite gradient: step skipped, batch dead-lettered", step=self.step + 1,
+                  loss=metrics.get("loss"), grad_norm=metrics.get("grad_norm"), units=len(mine))  # fmt: skip
 
     def _report(self, units: list[Unit], metrics: dict[str, float], seconds: float, counts: dict[str, int]) -> None:
         """Metrics and the "train_step" line (rank 0; the batch is global, so these numbers are too)."""
@@ -527,7 +544,8 @@ class LearnerNode:
         return gathered
 
     def _readiness(self) -> tuple[bool, dict[str, Any]]:
-        return True, {"step": self.step, "policy_version": self.version, "eval_accuracy": self.eval_accuracy}
+        details = {"step": self.step, "policy_version": self.version, "eval_accuracy": self.eval_accuracy}
+        return True, {**details, "nonfinite_steps_skipped": self.nonfinite_steps}
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():

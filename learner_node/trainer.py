@@ -20,6 +20,7 @@ and the token-mean metrics (entropy, clip fractions, importance weights) cover t
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -172,9 +173,13 @@ class Trainer:
                     elif micro.weight:
                         maxima[key] = max(maxima[key], float(value))
             grad_norm = self._optimizer_step()
-        self.scheduler.step()
+            if not math.isfinite(grad_norm):
+                break
         out = self._reduce(sums, maxima)
-        out.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+        if math.isfinite(grad_norm):
+            self.scheduler.step()
+        applied = math.isfinite(grad_norm)
+        out.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0], nonfinite_gradient=float(not applied))
         if cfg.algorithm == "grpo":
             out["zero_advantage_skipped_frac"] = skipped
         return out
@@ -344,13 +349,17 @@ class Trainer:
         return loss, metrics
 
     def _optimizer_step(self) -> float:
+        """Clip and apply the gradient; returns its norm. A non-finite norm (the same on every rank: it is the global
+        norm) applies nothing: one NaN step would make every later weight NaN, so the weights stay as they were."""
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        self.optimizer.step()
+        norm = float(norm)
+        if math.isfinite(norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def _reduce(self, sums: dict[str, float], maxima: dict[str, float]) -> dict[str, float]:
         """Weighted sums -> global means (weights already sum to 1 over all ranks), maxima -> global maxima."""

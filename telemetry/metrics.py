@@ -32,6 +32,7 @@ latencies and staleness. Labels stay low-cardinality: the node id is a process c
 | slipstream_learner_masked_tokens_ratio                | gauge     |                        |
 | slipstream_learner_sample_staleness_versions          | histogram |                        |
 | slipstream_learner_dropped_samples_total              | counter   | reason                 |
+| slipstream_learner_nonfinite_steps_total              | counter   |                        |
 | slipstream_learner_step_duration_seconds              | histogram |                        |
 | slipstream_learner_last_step_timestamp_seconds        | gauge     |                        |
 | slipstream_learner_checkpoint_duration_seconds        | histogram |                        |
@@ -180,6 +181,11 @@ LEARNER_STALENESS = Histogram(
     "slipstream_learner_sample_staleness_versions",
     "Policy versions between the version a sample was generated with and the version that trained on it.",
     buckets=STALENESS_BUCKETS_VERSIONS,
+    registry=REGISTRY,
+)
+LEARNER_NONFINITE_STEPS = Counter(
+    "slipstream_learner_nonfinite_steps_total",
+    "Steps whose gradient was NaN or infinite: not applied, their batch dead-lettered (reason nonfinite_gradient).",
     registry=REGISTRY,
 )
 LEARNER_DROPPED_SAMPLES = Counter(

@@ -211,9 +211,11 @@ def test_tasks_become_valid_groups_and_sigterm_leaves_cleanly(
 
 
 def test_sigterm_releases_tasks_that_cannot_finish_in_time(bus: Bus, nodes: Callable[..., Node]) -> None:
-    tasks = long_tasks(count=4, n=8, tokens=400)
+    # A call (2 tasks x 64 samples x 500 tokens) long enough that the signal lands mid-call even on a fast machine,
+    # and no grace time: the call in flight is aborted, so its tasks must come back for the next node.
+    tasks = long_tasks(count=4, n=64, tokens=500)
     bus.publish(tasks)
-    node = nodes("node-b", *NO_EOS, "--rollout.tasks_per_call", "2", "--rollout.shutdown_timeout_s", "0.2")
+    node = nodes("node-b", *NO_EOS, "--rollout.tasks_per_call", "2", "--rollout.shutdown_timeout_s", "0")
     held = wait_until("the node to hold tasks", lambda: bus.held_by("node-b"))
     assert node.stop(signal.SIGTERM) == 0, node.logs()
     assert bus.pending() == 0  # nothing left pending on the stopped node

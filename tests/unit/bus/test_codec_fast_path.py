@@ -3,9 +3,10 @@
 validate/encode check a trajectory object, decode checks the received bins and scalars, each with a cheap
 "plainly valid" test first and the rule-by-rule checks behind it. Here trajectories whose fields sit on the edges
 of the rules (ids at 0, -1, vocab_size - 1, vocab_size, int32 extremes; logprobs at 0.0, -0.0, the tolerance, just
-above it, -inf, nan, the most negative float32; ints where floats are usual; lists for arrays) go through
-validate, encode and decode, and the verdicts must match an independent per-element oracle written from
-docs/wire-protocol.md, with the same error text whichever way the message went.
+above it, the floor and just below it, -inf, nan, the most negative float32; rewards at +-MAX_ABS_REWARD and 1e308;
+ints where floats are usual; lists for arrays) go through validate, encode and decode, and the verdicts must match an
+independent per-element oracle written from docs/wire-protocol.md, with the same error text whichever way the message
+went.
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bus.codec import DEFAULT_LIMITS, Limits, decode, encode, validate
-from bus.schema import LOGPROB_TOLERANCE, Group, MessageError, Trajectory
+from bus.schema import LOGPROB_FLOOR, LOGPROB_TOLERANCE, MAX_ABS_REWARD, Group, MessageError, Trajectory
 
 VOCAB = Limits(vocab_size=1000)
-F32_MIN = float(np.finfo(np.float32).min)  # the most negative finite float32: a valid (if absurd) logprob
+F32_MIN = float(np.finfo(np.float32).min)  # the most negative finite float32: below the floor
+BELOW_FLOOR = float(np.nextafter(np.float32(LOGPROB_FLOOR), np.float32(-np.inf)))
 
 IDS = st.sampled_from([0, 1, 7, 999, 1000, 2**31 - 1, -1, -(2**31)])
 LOGPROBS = st.sampled_from(
     [-1.5, -0.25, -1e-30, -0.0, 0.0, LOGPROB_TOLERANCE / 2, 2e-4, 0.5, -math.inf, math.inf, math.nan, F32_MIN]
+    + [LOGPROB_FLOOR, BELOW_FLOOR]
 )
 NAMES = st.sampled_from(["t", "x" * 256, "x" * 257, ""])
-NUMBERS = st.sampled_from([0.0, 1.5, -2.0, 3, math.nan, math.inf, -math.inf, True])
+NUMBERS = st.sampled_from([0.0, 1.5, -2.0, 3, math.nan, math.inf, -math.inf, True, MAX_ABS_REWARD, -1e308])
 VERSIONS = st.sampled_from([0, 12, 2**63 - 1, -1, 2**63, 1.0])
 
 
@@ -43,8 +46,8 @@ def rule_breaks(traj: Trajectory, limits: Limits) -> bool:
     def name_ok(value: Any) -> bool:
         return type(value) is str and 1 <= len(value) <= 256
 
-    def number_ok(value: Any, low: float = -math.inf) -> bool:
-        return type(value) in (int, float) and math.isfinite(value) and value >= low
+    def number_ok(value: Any, low: float = -math.inf, high: float = math.inf) -> bool:
+        return type(value) in (int, float) and math.isfinite(value) and low <= value <= high
 
     def ids_ok(ids: list[int]) -> bool:
         return 1 <= len(ids) <= limits.max_tokens and all(0 <= i < vocab for i in ids)
@@ -56,8 +59,8 @@ def rule_breaks(traj: Trajectory, limits: Limits) -> bool:
         and ids_ok(list(traj.prompt_ids))
         and ids_ok(response)
         and len(logprobs) == len(response)
-        and all(math.isfinite(x) and x <= LOGPROB_TOLERANCE for x in logprobs)
-        and number_ok(traj.reward)
+        and all(math.isfinite(x) and LOGPROB_FLOOR <= x <= LOGPROB_TOLERANCE for x in logprobs)
+        and number_ok(traj.reward, -MAX_ABS_REWARD, MAX_ABS_REWARD)
         and number_ok(traj.created_at, 0.0)
         and type(traj.policy_version) is int
         and 0 <= traj.policy_version < 2**63
@@ -125,6 +128,7 @@ def test_a_negative_id_anywhere_in_a_long_bin_is_found(position: int, token: int
         (math.nan, "must be finite (got nan at position 1023)"),
         (-math.inf, "must be finite (got -inf at position 1023)"),
         (0.5, "log-probability 0.5 > 0 at position 1023 (impossible)"),
+        (F32_MIN, "log-probability -3.4028234663852886e+38 < -1000.0 at position 1023"),
     ],
 )
 def test_a_bad_logprob_at_the_end_of_a_long_bin_is_found(value: float, rule: str) -> None:
@@ -148,6 +152,14 @@ def test_decoded_plain_group_members_still_get_every_group_rule() -> None:
     assert verdicts(group, DEFAULT_LIMITS) == {"trajectories[2].rewards.format: must be finite (got inf)"}
     members[2].rewards = {}
     assert verdicts(group, DEFAULT_LIMITS) == {"trajectories[2].id: duplicate trajectory id 't0' in the group"}
+
+
+def test_rewards_beyond_the_bound_are_refused_by_name() -> None:
+    """1e308 is finite, but a group (1e308, -1e308, 0, 0) would make NaN advantages: the wire bounds rewards."""
+    traj = dataclasses.replace(long_trajectory(), reward=1e308)
+    assert verdicts(traj, DEFAULT_LIMITS) == {"reward: must be <= 1000000000.0 (got 1e+308)"}
+    traj = dataclasses.replace(long_trajectory(), reward=-MAX_ABS_REWARD, rewards={"judge": -1e200})
+    assert verdicts(traj, DEFAULT_LIMITS) == {"rewards.judge: must be >= -1000000000.0 (got -1e+200)"}
 
 
 def test_optional_fields_of_a_plain_trajectory_are_still_checked_and_travel() -> None:

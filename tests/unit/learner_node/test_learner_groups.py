@@ -103,6 +103,20 @@ def test_drop_repeats_keeps_the_first_copy_of_each_message() -> None:
     assert kept == [first, other] and [r.entry_id for r in repeats] == ["9-0"]
 
 
+def test_drop_repeats_trains_a_trajectory_id_once_across_the_steps_groups() -> None:
+    # Two different group messages in one step carrying the member "b": the second copy is removed and counted.
+    g = Unit.of("g", [traj("a", "g"), traj("b", "g")], [received(Group("g", "p", []), "1-0")])
+    h = Unit.of("h", [traj("b", "h"), traj("c", "h")], [received(Group("h", "p", []), "2-0")])
+    only_b = Unit.of("k", [traj("b", "k")], [received(Group("k", "p", []), "3-0")])
+    kept, repeats = drop_repeats([g, h, only_b])
+    assert repeats == []  # distinct messages: every entry is settled (and its repeat counted), none released
+    assert [(u.key, [s.id for s in u.samples], u.duplicates, u.size) for u in kept] == [
+        ("g", ["a", "b"], 0, 2),
+        ("h", ["c"], 1, 2),
+        ("k", [], 1, 1),
+    ]
+
+
 @pytest.fixture
 def trajectories(redis_server: Any) -> Iterator[tuple[Any, str, Producer, MessageConsumer]]:
     """(transport, trajectories stream, a producer, the learner's consumer) on a real Redis."""

@@ -183,3 +183,37 @@ def test_trainer_refuses_what_its_algorithm_needs_but_lacks(model_path: str, tmp
     optimizer = build_optimizer(cfg, [policy])
     with pytest.raises(ValueError, match="needs a value head"):
         Trainer(cfg, runtime, policy, optimizer, build_scheduler(cfg, optimizer))
+
+
+def test_a_non_finite_gradient_is_never_applied(model_path: str) -> None:
+    """Behaviour logprobs at the wire's floor (-1000) under the unbounded "raw" correction make weights of e^995:
+    the loss and gradient are not finite. The step must leave the weights, the optimizer state and the schedule as
+    they were and say so; the next finite step trains as usual."""
+    trainer = make_trainer(model_path, importance_correction="raw")
+    before = {name: tensor.clone() for name, tensor in weights(trainer).items()}
+    epoch = trainer.scheduler.last_epoch
+    units = groups()
+    for unit in units:
+        for sample in unit.samples:
+            sample.behavior_logprobs[:] = -1000.0
+    metrics = trainer.step(units)
+    assert metrics["nonfinite_gradient"] == 1.0 and not math.isfinite(metrics["grad_norm"])
+    assert all(torch.equal(tensor, before[name]) for name, tensor in weights(trainer).items())
+    assert not trainer.optimizer.state and trainer.scheduler.last_epoch == epoch
+    assert all(p.grad is None for p in trainer.params)
+    metrics = trainer.step(groups())
+    assert metrics["nonfinite_gradient"] == 0.0 and math.isfinite(metrics["grad_norm"])
+    assert any(not torch.equal(tensor, before[name]) for name, tensor in weights(trainer).items())
+
+
+def test_advantages_at_the_reward_bound_are_finite() -> None:
+    """The wire bounds rewards at +-MAX_ABS_REWARD: there, every scaling still gives finite, exact advantages."""
+    from bus.schema import MAX_ABS_REWARD
+
+    rewards = [MAX_ABS_REWARD, -MAX_ABS_REWARD, 0.0, 0.0]
+    unit = Unit("g", [dataclasses.replace(groups(count=1)[0].samples[0], id=f"t{i}", reward=r) for i, r in
+                      enumerate(rewards)])  # fmt: skip
+    for scale in ("group", "batch", "none"):
+        values = group_advantage_values([unit], LearnerConfig(scale_rewards=scale))[0]
+        assert all(math.isfinite(v) for v in values), (scale, values)
+    assert group_advantage_values([unit], LearnerConfig(scale_rewards="none"))[0] == rewards
