@@ -81,7 +81,15 @@ REWARD_BUCKETS: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.1, 0.25, 0.5, 0.75, 0.9,
 
 # Known label values, created up front so that their series exist (at 0) before the first event: rate() and
 # alerts on a series that appears only on the first drop would miss that drop.
-DROP_REASONS: tuple[str, ...] = ("duplicate", "zero_variance", "stale", "incomplete_group", "invalid", "poison")
+DROP_REASONS: tuple[str, ...] = (
+    "duplicate",
+    "zero_variance",
+    "stale",
+    "incomplete_group",
+    "nonfinite_gradient",
+    "invalid",
+    "poison",
+)
 CLIP_SIDES: tuple[str, ...] = ("low", "high")
 
 # --- node identity ---------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_rules_load_and_every_panel_query_returns_data(
     groups = prometheus.api("rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
     assert {rule["name"] for rule in rules} >= {"SlipstreamLearnerStuck", "SlipstreamNoTrajectories"}
-    assert len(rules) == 8
+    assert len(rules) == 9
     seen = wait_for_panels(prometheus, panels, timeout_s=60)
     assert [name for name, values in seen.items() if not values] == []
     # Everything moves and timestamps follow the clock, so no alert may fire; every rule evaluated cleanly.
