@@ -21,7 +21,7 @@ WIRE_FLOAT32 = np.dtype("<f4")  # log-probabilities
 WIRE_UINT8 = np.dtype("u1")  # loss masks
 _U32 = np.dtype("<u4")
 # float32 bits read as int32: those of LOGPROB_FLOOR, the greatest pattern of a negative float >= the floor.
-_NEGATIVE_FINITE_BITS = int(np.array([LOGPROB_FLOOR], "<f4").view("<i4")[0])
+_LOGPROB_FLOOR_BITS = int(np.array([LOGPROB_FLOOR], "<f4").view("<i4")[0])
 # Which numpy dtype kinds may be converted to each wire dtype without changing meaning (range checked separately).
 _CONVERTIBLE_KINDS = {WIRE_INT32: "iu", WIRE_FLOAT32: "fiu", WIRE_UINT8: "biu"}
 
@@ -225,16 +225,15 @@ def ids_in_range(ids: np.ndarray, vocab_size: int | None, wire_bytes: bytes | No
     return as_unsigned.item(as_unsigned.argmax()) < vocab_size
 
 
-def all_negative_finite(logprobs: np.ndarray) -> bool:
-    """Whether float32 logprobs [N >= 1] are all finite and < 0 (or -0.0), with ONE numpy reduction.
+def all_negative_above_floor(logprobs: np.ndarray) -> bool:
+    """Whether float32 logprobs [N >= 1] are all in [LOGPROB_FLOOR, -0.0], with ONE numpy reduction.
 
-    Whether they are all in [LOGPROB_FLOOR, -0.0]: read as int32, those float32 bit patterns are exactly the ones
-    <= _NEGATIVE_FINITE_BITS (sign bit set, magnitude at most the floor's); NaN, -inf, values below the floor and
-    every value >= +0.0 are greater. False does not mean invalid: 0.0 and positive
-    values up to LOGPROB_TOLERANCE are valid and are left to the exact check.
+    Read as int32, those float32 bit patterns are exactly the ones <= _LOGPROB_FLOOR_BITS (sign bit set, magnitude
+    at most the floor's); NaN, -inf, values below the floor and every value >= +0.0 are greater. False does not mean
+    invalid: 0.0 and positive values up to LOGPROB_TOLERANCE are valid and are left to the exact check.
     """
     bits = logprobs.view(WIRE_INT32)
-    return bits.item(bits.argmax()) <= _NEGATIVE_FINITE_BITS
+    return bits.item(bits.argmax()) <= _LOGPROB_FLOOR_BITS
 
 
 def check_tokens(value: Any, field: str, limits: Limits) -> np.ndarray:
@@ -263,7 +262,7 @@ def check_logprobs(value: Any, field: str, length: int, length_field: str) -> No
     logprobs = _array(value, WIRE_FLOAT32, field)
     if len(logprobs) != length:
         raise MessageError(length_field, f"length {length} != {field.rpartition('.')[2]} length {len(logprobs)}")
-    if all_negative_finite(logprobs):
+    if all_negative_above_floor(logprobs):
         return
     # argmax/argmin return the first NaN if there is one, so these two cheap calls catch nan, +-inf and > tolerance.
     if logprobs[logprobs.argmax()] <= LOGPROB_TOLERANCE and logprobs[logprobs.argmin()] >= LOGPROB_FLOOR:

@@ -21,7 +21,7 @@ from bus.field_rules import (
     WIRE_INT32,
     WIRE_UINT8,
     Limits,
-    all_negative_finite,
+    all_negative_above_floor,
     check_integer,
     check_logprobs,
     check_mask,
@@ -154,7 +154,7 @@ def _trajectory_core_is_plain(traj: Trajectory, limits: Limits) -> bool:
         and type(logprobs) is _ndarray and logprobs.dtype is WIRE_FLOAT32 and logprobs.ndim == 1
         and 0 < len(prompt) <= max_tokens and 0 < len(response) <= max_tokens and len(logprobs) == len(response)
         and ids_in_range(prompt, limits.vocab_size) and ids_in_range(response, limits.vocab_size)
-        and all_negative_finite(logprobs)
+        and all_negative_above_floor(logprobs)
     )  # fmt: skip
 
 
@@ -182,7 +182,7 @@ def plain_trajectory_from_map(wire: dict[str, Any], limits: Limits, prefix: str)
     if not (
         ids_in_range(prompt_ids, limits.vocab_size, prompt)
         and ids_in_range(response_ids, limits.vocab_size, response)
-        and all_negative_finite(behavior_logprobs)
+        and all_negative_above_floor(behavior_logprobs)
     ):
         return None
     mask, rewards, meta = wire.get("loss_mask"), wire.get("rewards"), wire.get("meta")

@@ -327,8 +327,6 @@ class LearnerNode:
         if incomplete:
             self._drop(incomplete, "incomplete_group", f"fewer than min_group_size ({self.cfg.min_group_size})")
         self.ready += ready
-        # A version the learner has not reached was made by no weights it ever sent (a forged version, or weights of a
-        # run since resumed from an older checkpoint): its staleness would read 0, so it is refused, not trained.
         limit = self.cfg.max_staleness
         stale = [u for u in self.ready if u.pair is None and self.version - u.min_version > limit]
         if stale:
@@ -544,8 +542,12 @@ class LearnerNode:
         return gathered
 
     def _readiness(self) -> tuple[bool, dict[str, Any]]:
-        details = {"step": self.step, "policy_version": self.version, "eval_accuracy": self.eval_accuracy}
-        return True, {**details, "nonfinite_steps_skipped": self.nonfinite_steps}
+        return True, {
+            "step": self.step,
+            "policy_version": self.version,
+            "eval_accuracy": self.eval_accuracy,
+            "nonfinite_steps_skipped": self.nonfinite_steps,
+        }
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -173,12 +173,12 @@ class Trainer:
                     elif micro.weight:
                         maxima[key] = max(maxima[key], float(value))
             grad_norm = self._optimizer_step()
-            if not math.isfinite(grad_norm):
+            applied = math.isfinite(grad_norm)
+            if not applied:  # the weights did not move: a later epoch would give the same non-finite gradient
                 break
         out = self._reduce(sums, maxima)
-        if math.isfinite(grad_norm):
+        if applied:
             self.scheduler.step()
-        applied = math.isfinite(grad_norm)
         out.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0], nonfinite_gradient=float(not applied))
         if cfg.algorithm == "grpo":
             out["zero_advantage_skipped_frac"] = skipped
