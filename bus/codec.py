@@ -1,4 +1,4 @@
-"""msgpack codec of the bus messages: `encode`, `decode`, `validate`, `peek` and `peek_id`.
+"""msgpack codec of the bus messages: `encode`, `decode`, `validate`, `peek`, `peek_id` and `member_count`.
 
 A message travels as a msgpack map with string keys: `kind`, `v` (schema version) and the dataclass fields of
 `bus.schema` under the same names. Arrays travel as bin holding little-endian int32 token ids, float32
@@ -6,7 +6,8 @@ log-probabilities or uint8 masks, and decode zero-copy (read-only numpy views of
 msgpack arrays of numbers are accepted too, so that any language can produce. docs/wire-protocol.md is the contract.
 
 Decoding any bytes yields a valid message or a `MessageError` naming the field and the rule, never another
-exception: msgpack runs with size limits derived from `Limits`, string map keys only and no ext types.
+exception: msgpack runs with size limits derived from `Limits`, string map keys only and no ext types, and a message
+over `Limits.small_message_bytes` within `bus.decode_budget` (what it may build: 16x its size).
 Validation is shared by both directions (`validate`, `encode(validate=True)`, `decode`). The parts:
 `bus.wire_maps` (each kind to and from its map), `bus.validation` (the rules of each kind, with the fast path of
 trajectories) and `bus.field_rules` (the rules of single fields, and `Limits`).
@@ -20,11 +21,14 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from bus import decode_budget
 from bus.field_rules import DEFAULT_LIMITS, MAX_NAME_CHARS, Limits, error_text, kind_of, reject_ext, show
 from bus.schema import SCHEMA_VERSION, Message, MessageError
 from bus.wire_maps import CODECS, CODECS_BY_KIND, WireCodec, missing_field
 
-__all__ = ["DEFAULT_LIMITS", "MAX_NAME_CHARS", "Limits", "decode", "encode", "peek", "peek_id", "validate"]
+__all__ = [
+    "DEFAULT_LIMITS", "MAX_NAME_CHARS", "Limits", "decode", "encode", "member_count", "peek", "peek_id", "validate"
+]  # fmt: skip
 
 # Bound here rather than called as `CODECS.get(...)`: CPython 3.11 compiles a method call on an imported name as an
 # attribute load plus a bound-method call (it takes the name for a module), ~25 ns more per message.
@@ -96,17 +100,19 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
                 wire = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=reject_ext, max_ext_len=0)
             except Exception:  # ... and on any failure, fail as the configured limits say (the same exception)
                 wire = msgpack.unpackb(data, **limits.unpack_options)
-        else:
-            wire = msgpack.unpackb(data, **limits.unpack_options)
-    except MessageError:
-        raise
+        else:  # large enough for what it decodes to to matter: bounded by `decode_budget` as it is built
+            list_hook, object_hook = decode_budget.hooks(size)
+            wire = msgpack.unpackb(data, list_hook=list_hook, object_hook=object_hook, **limits.unpack_options)
+    except MessageError as exc:  # an ext type, or over the decode budget: name the field where it happened
+        raise MessageError(_failing_path(data, limits, size), exc.rule) from None
     except msgpack.ExtraData:
         raise MessageError("data", "trailing bytes after the message") from None
     except Exception as exc:  # msgpack raises ValueError, StackError (deep nesting), TypeError, ... on bad input
         # max_ext_len=0 refuses ext types (timestamps included) with an obscure text; say what it means.
         ext = "max_ext_len" in str(exc)
         raise MessageError(
-            "data", "msgpack ext types are not allowed" if ext else f"not valid msgpack ({error_text(exc)})"
+            _failing_path(data, limits, size),
+            "msgpack ext types are not allowed" if ext else f"not valid msgpack ({error_text(exc)})",
         ) from None
     if type(wire) is not dict:
         raise MessageError("data", f"must be a msgpack map (got {kind_of(wire)})")
@@ -128,14 +134,54 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     return msg
 
 
+def _failing_path(data: bytes | bytearray | memoryview, limits: Limits, size: int) -> str:
+    """Where msgpack fails in `data`, read again value by value (within the decode budget): the top-level field or
+    group member field (`meta`, `trajectories[3].response_ids`) whose value cannot be read, or `data` when the
+    message itself cannot (not a map, a key, nesting, trailing bytes)."""
+    list_hook, object_hook = decode_budget.hooks(size)
+    unpacker = msgpack.Unpacker(
+        max_buffer_size=size, list_hook=list_hook, object_hook=object_hook, **limits.unpack_options
+    )
+    unpacker.feed(data)
+    path = "data"
+    try:
+        for _ in range(unpacker.read_map_header()):
+            path = "data"
+            key = unpacker.unpack()
+            path = key if type(key) is str else "data"
+            members = _array_header(unpacker) if key == "trajectories" else None
+            if members is None:
+                unpacker.unpack()
+                continue
+            for i in range(members):
+                path = f"trajectories[{i}]"
+                for _ in range(unpacker.read_map_header()):
+                    path = f"trajectories[{i}]"
+                    member_key = unpacker.unpack()
+                    path = f"{path}.{member_key}" if type(member_key) is str else path
+                    unpacker.unpack()
+    except Exception:
+        return path
+    return "data"
+
+
+def _array_header(unpacker: msgpack.Unpacker) -> int | None:
+    """The length of the array next in `unpacker` (its header read), or None when the next value is no array."""
+    try:
+        return unpacker.read_array_header()
+    except ValueError as exc:
+        if "Unexpected type header" in str(exc):
+            return None
+        raise
+
+
 def peek(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     """Best effort: the top-level string/int fields kind, v, id, producer, group_id, node_id that can be read from
     the start of `data`, even if it is truncated or invalid further on. Never raises; {} when nothing is readable.
     """
     found: dict[str, Any] = {}
     try:
-        unpacker = msgpack.Unpacker(max_buffer_size=DEFAULT_LIMITS.max_message_bytes, **DEFAULT_LIMITS.unpack_options)
-        unpacker.feed(data)
+        unpacker = _unpacker(data)
         for _ in range(unpacker.read_map_header()):
             key = unpacker.unpack()
             if key in _PEEKED_FIELDS:
@@ -143,10 +189,51 @@ def peek(data: bytes | bytearray | memoryview) -> dict[str, Any]:
                 if type(value) in (str, int):
                     found[key] = value
             else:
-                unpacker.skip()
+                unpacker.skip()  # walked, not built
     except Exception:  # truncated or invalid further on: keep what was read
         pass
     return found
+
+
+def member_count(data: bytes | bytearray | memoryview) -> int | None:
+    """The length of the top-level `trajectories` array (a group's members) when `data` is one well-formed msgpack
+    map that has one, else None. Walked, not built (a dead letter may be hostile: this must cost no memory); never
+    raises. Other rules (limits, ext types, key types) are not checked: a group refused for them still counts."""
+    members = None
+    try:
+        size = memoryview(data).nbytes
+        unpacker = msgpack.Unpacker(
+            raw=False, strict_map_key=False, max_buffer_size=size, list_hook=_refuse_container,
+            object_hook=_refuse_container,
+        )  # fmt: skip
+        unpacker.feed(data)
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() != "trajectories":
+                unpacker.skip()
+                continue
+            members = unpacker.read_array_header()
+            for _ in range(members):
+                unpacker.skip()
+        return members if unpacker.tell() == size else None
+    except Exception:
+        return None
+
+
+def _unpacker(data: bytes | bytearray | memoryview) -> msgpack.Unpacker:
+    """An Unpacker over `data` for reading a few top-level fields: one that builds no array or map (a peeked value
+    is a str or an int; anything else is refused as soon as its innermost container is complete)."""
+    unpacker = msgpack.Unpacker(
+        max_buffer_size=DEFAULT_LIMITS.max_message_bytes,
+        list_hook=_refuse_container,
+        object_hook=_refuse_container,
+        **DEFAULT_LIMITS.unpack_options,
+    )
+    unpacker.feed(data)
+    return unpacker
+
+
+def _refuse_container(value: Any) -> Any:
+    raise ValueError("not a scalar")
 
 
 _PEEKED_FIELDS = frozenset({"kind", "v", "id", "producer", "group_id", "node_id"})

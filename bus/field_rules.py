@@ -153,14 +153,17 @@ def check_meta(meta: Any, field: str, limits: Limits, encoded_size: int | None) 
         raise MessageError(field, f"must be a map (got {kind_of(meta)})")
     if not meta or (encoded_size is not None and encoded_size <= limits.max_meta_bytes):
         return
+    rule = "must be msgpack-able plain data with string keys and no ext types"
     try:
         packed = msgpack.packb(meta)
+    except Exception as exc:
+        raise MessageError(field, f"{rule} ({error_text(exc)})") from exc
+    if len(packed) > limits.max_meta_bytes:  # before decoding it: what it decodes to is bounded by its size then
+        raise MessageError(field, f"{len(packed)} bytes > max_meta_bytes {limits.max_meta_bytes}")
+    try:
         msgpack.unpackb(packed, raw=False, strict_map_key=True, ext_hook=reject_ext, max_ext_len=0)  # decodable?
     except Exception as exc:
-        rule = f"must be msgpack-able plain data with string keys and no ext types ({error_text(exc)})"
-        raise MessageError(field, rule) from exc
-    if len(packed) > limits.max_meta_bytes:
-        raise MessageError(field, f"{len(packed)} bytes > max_meta_bytes {limits.max_meta_bytes}")
+        raise MessageError(field, f"{rule} ({error_text(exc)})") from exc
 
 
 def check_rewards(rewards: Any, field: str) -> None:

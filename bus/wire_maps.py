@@ -296,7 +296,8 @@ def _node_event_to_map(event: NodeEvent) -> dict[str, Any]:
 
 def _node_event_from_map(cls: type[NodeEvent], wire: dict[str, Any], prefix: str) -> NodeEvent:
     extra = (wire.get("address"),) if cls is Join else ()
-    return cls(wire["node_id"], wire["role"], wire["version"], wire["created_at"], _optional(wire, "meta", {}), *extra)
+    version = _optional(wire, "version", 0)  # optional, as docs/wire-protocol.md says: an agent serves no policy
+    return cls(wire["node_id"], wire["role"], version, wire["created_at"], _optional(wire, "meta", {}), *extra)
 
 
 def _decode_checked(

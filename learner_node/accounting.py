@@ -8,7 +8,9 @@ The Redis hash `<bus.prefix>accounting` (e.g. `slipstream:accounting`) holds int
     dropped:zero_variance      settled like trained ones (`settle(..., outcome=...)`): groups whose rewards were all
                                  equal, filtered by dynamic sampling before any step (they carry no GRPO signal)
     dropped:stale              the learner dead-letters the message (`drop`: XADD dead + XACK, atomic) and
-    dropped:incomplete_group     counts it from the dead stream (`scan_dead`)
+    dropped:future_version       counts it from the dead stream (`scan_dead`): too old, newer than the learner,
+    dropped:incomplete_group     fewer members than min_group_size, or in a step whose gradient was not finite
+    dropped:nonfinite_gradient
     dropped:invalid            the consumer dead-lettered it (undecodable, invalid field, unexpected kind)
     dropped:poison             the consumer dead-lettered it after max_deliveries deliveries
 
@@ -34,11 +36,10 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import msgpack
 import structlog
 from redis.exceptions import WatchError
 
-from bus.codec import decode, encode
+from bus.codec import decode, encode, member_count
 from bus.consumer import MessageConsumer, Received
 from bus.dedup import Dedup, RedisDedup
 from bus.schema import Group, MessageError, Task, new_id
@@ -50,7 +51,7 @@ from telemetry.metrics import BUS_MESSAGES, LEARNER_DROPPED_SAMPLES
 log = structlog.get_logger(__name__)
 
 # The reasons of the learner's own dead letters ("<reason>: detail").
-LEARNER_REASONS = ("stale", "incomplete_group", "nonfinite_gradient")
+LEARNER_REASONS = ("stale", "future_version", "incomplete_group", "nonfinite_gradient")
 CONSUMER_REASONS = ("invalid", "poison")  # the consumer's dead letters: a broken message, or too many deliveries
 # Every reason a trajectory is dropped for: the `dropped:<reason>` fields of the hash and the `reason` label values of
 # slipstream_learner_dropped_samples_total (telemetry creates each series at 0, so rate() and alerts see a first drop).
@@ -69,18 +70,10 @@ return 0
 
 
 def trajectory_count(data: bytes) -> int:
-    """Trajectories in a message's wire bytes: a group's members, else 1 (also for what cannot be decoded)."""
-    try:
-        message = decode(data)
-        return len(message.trajectories) if isinstance(message, Group) else 1
-    except MessageError:
-        pass
-    try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception:  # garbage: it stands for one published message
-        return 1
-    members = raw.get("trajectories") if isinstance(raw, dict) else None
-    return len(members) if isinstance(members, list) and members else 1
+    """Trajectories in a message's wire bytes: a group's members, else 1 (also for what cannot be read). Read from
+    the `trajectories` array's header: a dead letter is never decoded whole again (it may be hostile)."""
+    members = member_count(data)
+    return members if members else 1
 
 
 def dead_reason(reason: str) -> str:

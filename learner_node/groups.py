@@ -54,6 +54,11 @@ class Unit:
         return min((s.min_policy_version for s in self.samples), default=0)
 
     @property
+    def max_version(self) -> int:
+        """The newest policy version among the members' tokens (a pair: 0)."""
+        return max((s.max_policy_version for s in self.samples), default=0)
+
+    @property
     def size(self) -> int:
         """Trajectories this unit stands for on the bus (what the accounting counts): members plus duplicates."""
         return 1 if self.pair is not None else len(self.samples) + self.duplicates

@@ -327,6 +327,12 @@ class LearnerNode:
         if incomplete:
             self._drop(incomplete, "incomplete_group", f"fewer than min_group_size ({self.cfg.min_group_size})")
         self.ready += ready
+        # No policy this learner published produced a version above its own: a producer's bug, or weights lost to
+        # a restart from an older checkpoint. Its staleness would read as 0 or negative, so refuse it by name.
+        future = [u for u in self.ready if u.pair is None and u.max_version > self.version]
+        if future:
+            self.ready = [u for u in self.ready if u not in future]
+            self._drop(future, "future_version", f"policy version above the learner's version {self.version}")
         limit = self.cfg.max_staleness
         stale = [u for u in self.ready if u.pair is None and self.version - u.min_version > limit]
         if stale:

@@ -85,6 +85,7 @@ DROP_REASONS: tuple[str, ...] = (
     "duplicate",
     "zero_variance",
     "stale",
+    "future_version",
     "incomplete_group",
     "nonfinite_gradient",
     "invalid",

@@ -20,19 +20,22 @@ from bus.codec import encode
 from bus.schema import Group, Heartbeat, Task, Trajectory, new_id
 
 # --- the hostile corpus ----------------------------------------------------------------------------------------------
-INVALID, STALE, INCOMPLETE, TRAINED, DUPLICATE, REPLAY = (
-    "invalid", "stale", "incomplete_group", "trained", "duplicate", "replay"
+INVALID, STALE, FUTURE, INCOMPLETE, TRAINED, DUPLICATE, REPLAY = (
+    "invalid", "stale", "future_version", "incomplete_group", "trained", "duplicate", "replay"
 )  # fmt: skip
+
+FUTURE_AHEAD = (100_000, None)  # versions above the learner's in each burst: this far ahead, and int64's largest
 
 
 @dataclass(frozen=True)
 class Fate:
     """What must become of a fuzz message.
 
-    outcome: INVALID (dead-lettered; the reason names one of `fields_named`), STALE or INCOMPLETE (dead-lettered by the
-    learner with that reason), TRAINED (a valid group, trained once), DUPLICATE (its members were trained already:
-    counted as dropped:duplicate), REPLAY (the same bytes as an earlier TRAINED message: acked, never counted).
-    trajectories: what it stands for in the accounting (a group's members, else 1). message_id: its id, if it has one.
+    outcome: INVALID (dead-lettered; the reason names one of `fields_named`), STALE, FUTURE or INCOMPLETE
+    (dead-lettered by the learner with that reason), TRAINED (a valid group, trained once), DUPLICATE (its members
+    were trained already: counted as dropped:duplicate), REPLAY (the same bytes as an earlier TRAINED message: acked,
+    never counted). trajectories: what it stands for in the accounting (a group's members, else 1). message_id: its
+    id, if it has one.
     """
 
     category: str
@@ -119,12 +122,11 @@ class Fuzzer:
         return msgpack.unpackb(self.encoded(members), raw=False)
 
     # -- the burst -----------------------------------------------------------------------------------------------------
-    def chunk(
-        self, invalid: int, *, stale: int = 0, singles: int = 0, trained_ids: Iterable[str] = ()
-    ) -> list[Hostile]:
-        """`invalid` broken messages of every category, `stale` valid groups of version 0 (send them when the
-        learner is past max_staleness), `singles` lone trajectories and groups of one (incomplete), one valid group
-        sent twice, and one group re-using `trained_ids` (when given). Shuffled."""
+    def chunk(self, invalid: int, *, version: int, stale: int = 0, singles: int = 0) -> list[Hostile]:
+        """The bulk of one burst, shuffled: `invalid` broken messages of every category, `stale` valid groups of
+        version 0 (send them when the learner is past max_staleness), `singles` lone trajectories and groups of one
+        (incomplete), and groups of versions above the learner's `version` (one at 2^63-1): no policy the learner
+        published made them."""
         out = self.invalid(invalid)
         for _ in range(stale):
             group = self.group(2, version=0)
@@ -136,22 +138,26 @@ class Fuzzer:
             else:
                 single = self.member(new_id(), version=0)
                 out.append(Hostile.of("single", _data(encode(single)), INCOMPLETE, 1, message_id=single.id))
-        # Versions far ahead of the learner: these can never turn stale, so what becomes of them is exact.
-        valid = self.group(2, version=1_000_000)
+        for ahead in FUTURE_AHEAD:
+            group = self.group(2, version=2**63 - 1 if ahead is None else version + ahead)
+            out.append(Hostile.of("future_version", _data(encode(group)), FUTURE, 2, message_id=group.id))
+        return [out[i] for i in self.rng.permutation(len(out))]
+
+    def trainable(self, version: int, trained_ids: Iterable[str] = ()) -> list[Hostile]:
+        """What of a burst must be trained or counted: one valid group of policy `version` (the learner's now),
+        its exact replay (after it) and one group re-using `trained_ids` (when given). Sent ahead of the bulk, they
+        are consumed before the learner steps on past max_staleness."""
+        valid = self.group(2, version=version)
         data = encode(valid)
-        out.append(Hostile.of("valid", _data(data), TRAINED, 2, message_id=valid.id))
-        out.append(Hostile.of("exact_replay", _data(data), REPLAY, 0, message_id=valid.id))
+        out = [
+            Hostile.of("valid", _data(data), TRAINED, 2, message_id=valid.id),
+            Hostile.of("exact_replay", _data(data), REPLAY, 0, message_id=valid.id),
+        ]
         trained = list(trained_ids)
         if trained:
-            again = self.group(version=1_000_000, ids=trained)
+            again = self.group(version=version, ids=trained)
             out.append(Hostile.of("trained_ids", _data(encode(again)), DUPLICATE, len(trained), message_id=again.id))
-        order = self.rng.permutation(len(out))
-        # The replay must come after its original to be the copy: keep their relative order.
-        shuffled = [out[i] for i in order]
-        first, second = (next(i for i, h in enumerate(shuffled) if h.fate.outcome == o) for o in (TRAINED, REPLAY))
-        if second < first:
-            shuffled[first], shuffled[second] = shuffled[second], shuffled[first]
-        return shuffled
+        return out
 
     def invalid(self, count: int) -> list[Hostile]:
         """`count` broken messages of random categories. Deep nesting is rarer than the rest only because it is the
@@ -166,9 +172,13 @@ class Fuzzer:
         return Hostile.of("random_bytes", _data(data), INVALID, 1, ("data", "kind", "v"))
 
     def _truncated(self) -> Hostile:
+        """Cut anywhere: the reason names the field whose value was cut (or `data`, cut in a key or a header)."""
         data = self.encoded()
         cut = int(self.rng.integers(1, len(data)))
-        return Hostile.of("truncated", _data(data[:cut]), INVALID, 1, ("data",))
+        wire = msgpack.unpackb(data, raw=False)
+        members = {f"trajectories[{i}]": member for i, member in enumerate(wire["trajectories"])}
+        fields = ("data", *wire, *members, *(f"{name}.{key}" for name, member in members.items() for key in member))
+        return Hostile.of("truncated", _data(data[:cut]), INVALID, 1, fields)
 
     def _deep(self) -> Hostile:
         depth = int(self.rng.integers(1025, 1500))  # msgpack's unpacker stops at 1024 levels
@@ -180,7 +190,7 @@ class Fuzzer:
             del wire["meta"]
             header = b"\xde" + (len(wire) + 1).to_bytes(2, "big")  # map16 of one entry more than packed below
             data = header + msgpack.packb(wire)[1:] + msgpack.packb("meta") + nested
-        return Hostile.of("deep_nesting", _data(data), INVALID, 1, ("data",))
+        return Hostile.of("deep_nesting", _data(data), INVALID, 1, ("data", "meta"))
 
     def _huge_length(self) -> Hostile:
         headers = (b"\xc6\x7f\xff\xff\xff", b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xdb\x7f\xff\xff\xff")
@@ -189,7 +199,7 @@ class Fuzzer:
             data = header + self.rng.bytes(16)
         else:  # a plausible start, then a field declaring gigabytes
             data = b"\x83" + msgpack.packb("kind") + msgpack.packb("group") + msgpack.packb("id") + header + b"xy"
-        return Hostile.of("huge_length", _data(data), INVALID, 1, ("data",))
+        return Hostile.of("huge_length", _data(data), INVALID, 1, ("data", "id"))
 
     def _mutated(self) -> Hostile:
         name, members, apply, named = self._mutations[int(self.rng.integers(len(self._mutations)))]

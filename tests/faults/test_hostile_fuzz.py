@@ -2,14 +2,15 @@
 
 Random bytes, truncated msgpack, deep nesting, huge declared lengths, messages over max_message_bytes, wrong types,
 NaN/inf, token ids beyond the vocabulary, mismatched lengths, duplicate ids, unknown and misplaced kinds, entries
-without a `data` field, version-0 groups replayed when the learner is past max_staleness, lone trajectories, exact
-replays of a valid group and groups re-sending trajectory ids that were trained already - XADDed straight to the
+without a `data` field, version-0 groups replayed when the learner is past max_staleness, groups claiming versions
+above the learner's (up to 2^63-1), lone trajectories, exact replays of a valid group and groups re-sending
+trajectory ids that were trained already - XADDed straight to the
 stream in bursts, as a hostile producer would (no SDK, no backpressure). Each burst is checked as it settles (the
 dead stream is capped at a few bursts):
 
 - every broken message is in the dead stream once, its reason naming the broken field (dead == bad sent);
-- stale and incomplete ones are dead-lettered with those reasons; exact replays are acked and never counted; ids
-  trained before are counted as dropped:duplicate; the one valid group of each burst is trained once;
+- stale, future-version and incomplete ones are dead-lettered with those reasons; exact replays are acked and
+  never counted; ids trained before are counted as dropped:duplicate; the one valid group of each burst is trained once;
 - the learner keeps training: finite losses, the accounting identity holds, nothing is lost;
 - its RSS stays bounded (sampled with psutil throughout).
 
@@ -32,6 +33,8 @@ from bench.soak import RssSampler
 from .conftest import AUDIT_GROUP, Cluster, Node
 from .hostile_helpers import (
     DUPLICATE,
+    FUTURE,
+    FUTURE_AHEAD,
     INCOMPLETE,
     INVALID,
     REPLAY,
@@ -45,7 +48,8 @@ from .hostile_helpers import (
     send,
 )
 
-STALE_PER_BURST, SINGLES_PER_BURST = 20, 10  # plus one valid group, its replay and one group of trained ids
+MAX_STALENESS, GROUPS_PER_STEP = 2, 2  # the learner's (the valid group of a burst is trained within one step)
+STALE_PER_BURST, SINGLES_PER_BURST = 20, 10  # plus future-version groups, a valid group, its replay, trained ids
 RSS_GROWTH_BOUND = 200 * 2**20  # bytes the learner may grow by while the flood lasts (its own batches, caches)
 MiB = 2**20
 
@@ -69,7 +73,7 @@ def check_burst(fates: dict[str, Fate], dead: dict[str, DeadRecord], tally: Tall
         record = dead.get(entry_id)
         if record is not None:
             tally.dead += 1
-        if fate.outcome in (INVALID, STALE, INCOMPLETE):
+        if fate.outcome in (INVALID, STALE, FUTURE, INCOMPLETE):
             if record is None:
                 tally.wrong.append(f"{fate.category} {entry_id}: not dead-lettered")
                 continue
@@ -91,6 +95,12 @@ def settled(cluster: Cluster, first: str, last: str) -> bool:
     return delivered and not cluster.client.xpending_range(cluster.trajectories, "learner", first, last, 1)
 
 
+def drained(cluster: Cluster) -> bool:
+    """Whether the learner was delivered every entry and holds fewer than a step's groups (it cannot step on)."""
+    info = {g["name"].decode(): g for g in cluster.client.xinfo_groups(cluster.trajectories)}["learner"]
+    return info["lag"] == 0 and info["pending"] < GROUPS_PER_STEP
+
+
 def _key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq)
@@ -104,8 +114,12 @@ def fuzz_while_training(cluster: Cluster, total: int, bursts: int) -> tuple[Tall
     # so that the stream is trimmed as in production.
     client.xgroup_destroy(stream, AUDIT_GROUP)
     rollout, learner = cluster.rollout("rollout-0"), cluster.learner()
-    # From version 2 on (max_staleness 1), a version-0 group is stale whenever it is consumed.
-    cluster.wait("the learner's third step", lambda: Cluster.steps(learner)[-1:] >= [3], learner, rollout)
+
+    # From version MAX_STALENESS + 1 on, a version-0 group is stale whenever it is consumed.
+    def past() -> bool:
+        return Cluster.steps(learner)[-1:] > [MAX_STALENESS]
+
+    cluster.wait("a version past max_staleness", past, learner, rollout)
     sampler = RssSampler({"learner": learner.process.pid}, interval_s=0.1)
     fuzzer, reader, tally = Fuzzer(Limits(), seed=total), DeadReader(client, cluster.bus.dead), Tally()
     dedup_key = f"{cluster.bus.prefix}dedup:learner"
@@ -113,10 +127,21 @@ def fuzz_while_training(cluster: Cluster, total: int, bursts: int) -> tuple[Tall
     try:
         for burst in range(bursts):
             trained_ids = [i.decode() for i in client.zrange(dedup_key, -2, -1)]  # the two newest trained ids
-            invalid = per_burst - STALE_PER_BURST - SINGLES_PER_BURST - 2 - (1 if trained_ids else 0)
-            messages = fuzzer.chunk(invalid, stale=STALE_PER_BURST, singles=SINGLES_PER_BURST, trained_ids=trained_ids)
+            invalid = (
+                per_burst - STALE_PER_BURST - SINGLES_PER_BURST - len(FUTURE_AHEAD) - 2 - (1 if trained_ids else 0)
+            )
+            bulk = fuzzer.chunk(
+                invalid, version=Cluster.steps(learner)[-1], stale=STALE_PER_BURST, singles=SINGLES_PER_BURST
+            )
+            # The burst's valid group claims the learner's version, and must be trained before the learner is
+            # max_staleness steps further: the rollout node is frozen until the learner has trained what it held (up
+            # to max_staleness + 1 steps ahead, by admission), so that the valid group is next; then the flood goes.
+            rollout.pause()
+            cluster.wait(f"the learner to drain before burst {burst}", partial(drained, cluster), learner)
             before = Cluster.steps(learner)[-1]
+            messages = fuzzer.trainable(before, trained_ids) + bulk
             entry_ids = send(client, stream, messages)
+            rollout.resume()
             # A producer counts what it published (an exact replay is the same message: counted once).
             client.hincrby(f"{cluster.bus.prefix}accounting", "published", sum(m.fate.trajectories for m in messages))
             fates = {entry_id: m.fate for entry_id, m in zip(entry_ids, messages, strict=True)}
@@ -139,7 +164,7 @@ def fuzz_while_training(cluster: Cluster, total: int, bursts: int) -> tuple[Tall
 def assert_survived(cluster: Cluster, tally: Tally, learner: Node, rss: list[int]) -> None:
     """Every message ended as it must, the learner's training and accounting are intact, its memory bounded."""
     assert not tally.wrong, f"{len(tally.wrong)} messages ended wrongly, e.g.:\n" + "\n".join(tally.wrong[:15])
-    assert tally.dead == tally.sent[INVALID] + tally.sent[STALE] + tally.sent[INCOMPLETE]
+    assert tally.dead == tally.sent[INVALID] + tally.sent[STALE] + tally.sent[FUTURE] + tally.sent[INCOMPLETE]
 
     [summary] = learner.events("summary")
     accounting = summary["accounting"]
@@ -147,6 +172,7 @@ def assert_survived(cluster: Cluster, tally: Tally, learner: Node, rss: list[int
     assert accounting["dropped:invalid"] == tally.trajectories[INVALID]  # only the fuzz sends broken messages
     assert accounting["dropped:duplicate"] == tally.trajectories[DUPLICATE]
     assert accounting["dropped:stale"] >= tally.trajectories[STALE]  # a rollout group may turn stale too
+    assert accounting["dropped:future_version"] == tally.trajectories[FUTURE] > 0  # never a rollout group
     assert accounting["dropped:incomplete_group"] >= tally.trajectories[INCOMPLETE]
     assert summary["balanced"] is True, summary  # published == trained + dropped + in flight
     assert tally.sent[REPLAY] == tally.sent[TRAINED] > 0
@@ -174,7 +200,13 @@ def fuzz_settings(total: int, bursts: int) -> dict[str, dict[str, object]]:
             "dead_retain": 4 * (total // bursts),  # a few bursts: each is counted as it settles
             "max_stream_length": 10 * total,  # the fuzz ignores backpressure; the rollout node must not wait on it
         },
-        "learner": {"max_steps": 100_000, "checkpoint_every": 0, "data_timeout_s": 120.0},
+        "learner": {
+            "max_steps": 100_000,
+            "checkpoint_every": 0,
+            "data_timeout_s": 120.0,
+            "max_staleness": MAX_STALENESS,
+            "groups_per_step": GROUPS_PER_STEP,
+        },
     }
 
 

@@ -1,30 +1,31 @@
-"""Messages that are valid on the wire but that this learner cannot use must be dead-lettered, not trained on.
+"""Messages that are valid on the wire but that this learner cannot use must be dead-lettered, not trained on; what it
+trains must leave the model finite and every trajectory trained once.
 
-Both tests run a learner with its configured defaults (no `bus.vocab_size`, the default consumer kinds), fed valid
-groups by the test (far-future versions, so none turns stale): the learner takes the vocabulary and context length
-from its model, and the message kinds from its algorithm.
+Every test runs a learner with its configured defaults (no `bus.vocab_size`, the default consumer kinds, 2 groups per
+step, max_staleness 1), fed by the test: its messages, then valid groups of version 0 enough for 2 steps (none turns
+stale by then). The learner takes the vocabulary and context length from its model, and the message kinds from its
+algorithm.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from bus.codec import encode
-from bus.schema import Preference, new_id
+from bus.schema import MAX_ABS_REWARD, Preference, new_id
 
 from .conftest import Cluster, Node
 from .hostile_helpers import DeadReader, Fuzzer
 
-FUTURE = 1_000_000  # a policy version no learner here reaches: these groups never turn stale
 
-
-def start_learner(cluster: Cluster, payloads: list[bytes]) -> Node:
-    """XADD `payloads`, then valid groups enough for the learner's 2 steps, and start it."""
+def start_learner(cluster: Cluster, payloads: list[bytes], groups: int = 4) -> Node:
+    """XADD `payloads`, then `groups` valid groups (enough for the learner's 2 steps), and start it."""
     fuzzer = Fuzzer()
-    groups = [encode(fuzzer.group(2, version=FUTURE)) for _ in range(4)]
+    groups = [encode(fuzzer.group(2, version=0)) for _ in range(groups)]
     for data in [*payloads, *groups]:
         cluster.client.xadd(cluster.trajectories, {"data": data})
     return cluster.learner()
@@ -36,7 +37,7 @@ def test_token_ids_beyond_the_models_vocabulary_are_dead_lettered_not_trained(
 ) -> None:
     cluster = make_cluster({"learner": {"max_steps": 2, "checkpoint_every": 0}})
     fuzzer = Fuzzer()
-    beyond = fuzzer.group(2, version=FUTURE)
+    beyond = fuzzer.group(2, version=0)
     beyond.trajectories[0].response_ids = np.array([5, 100_000], dtype=np.int32)  # the demo model has 100 tokens
     beyond.trajectories[0].behavior_logprobs = np.array([-1.0, -1.0], dtype=np.float32)
     learner = start_learner(cluster, [encode(beyond)])
@@ -62,3 +63,59 @@ def test_a_preference_sent_to_a_grpo_learner_is_dead_lettered_not_counted_as_tra
     [record] = DeadReader(cluster.client, cluster.bus.dead).read().values()
     assert record.reason.startswith("kind: expected one of ['group', 'trajectory']")
     assert cluster.accounting().get("trained") == 8  # the four groups' members, and nothing for the pair
+
+
+@pytest.mark.timeout(120)
+def test_rewards_beyond_the_bound_are_dead_lettered_and_rewards_at_it_train_finitely(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # (1e308, -1e308, 0, 0) made the advantages NaN and every later step NaN before rewards were bounded on the wire.
+    cluster = make_cluster({"learner": {"max_steps": 2, "checkpoint_every": 0}})
+    fuzzer = Fuzzer()
+    huge, at_bound = fuzzer.group(4), fuzzer.group(4)
+    for member, reward in zip(huge.trajectories, (1e308, -1e308, 0.0, 0.0), strict=True):
+        member.reward = reward
+    for member, reward in zip(at_bound.trajectories, (MAX_ABS_REWARD, -MAX_ABS_REWARD, 0.0, 0.0), strict=True):
+        member.reward = reward
+    learner = start_learner(cluster, [encode(huge, validate=False), encode(at_bound)], groups=3)
+    assert learner.finish() == 0, learner.tail()
+    [record] = DeadReader(cluster.client, cluster.bus.dead).read().values()
+    assert record.reason.startswith("trajectories[0].reward: must be <= 1000000000.0 (got 1e+308)"), record.reason
+    steps = learner.events("train_step")
+    assert len(steps) == 2
+    assert all(math.isfinite(e["loss"]) and math.isfinite(e["grad_norm"]) for e in steps), steps
+    assert cluster.accounting().get("trained") == 4 + 3 * 2 and cluster.accounting().get("dropped:invalid") == 4
+
+
+@pytest.mark.timeout(120)
+def test_one_trajectory_id_in_two_groups_of_one_step_is_trained_once(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster({"learner": {"max_steps": 2, "checkpoint_every": 0}})
+    fuzzer = Fuzzer()
+    first = fuzzer.group(2)
+    again = fuzzer.group(ids=[t.id for t in first.trajectories])  # another group id, the same member ids
+    learner = start_learner(cluster, [encode(first), encode(again)], groups=2)  # steps: (first, again), the 2 groups
+    assert learner.finish() == 0, learner.tail()
+    accounting = cluster.accounting()
+    assert (accounting["trained"], accounting["dropped:duplicate"]) == (2 + 2 * 2, 2), accounting
+    assert [e["samples"] for e in learner.events("train_step")] == [2, 4]
+    dedup = cluster.client.zmscore(f"{cluster.bus.prefix}dedup:learner", [t.id for t in first.trajectories])
+    assert all(score is not None for score in dedup)
+
+
+@pytest.mark.timeout(120)
+def test_a_policy_version_above_the_learners_is_dead_lettered_not_trained(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # 2^63-1 used to pass the staleness check with a lag of 0 (the lag is negative).
+    cluster = make_cluster({"learner": {"max_steps": 2, "checkpoint_every": 0}})
+    fuzzer = Fuzzer()
+    ahead = [fuzzer.group(2, version=v) for v in (1, 2**63 - 1)]
+    learner = start_learner(cluster, [encode(g) for g in ahead])
+    assert learner.finish() == 0, learner.tail()
+    records = DeadReader(cluster.client, cluster.bus.dead).read().values()
+    assert sorted(r.reason for r in records) == [
+        "future_version: policy version above the learner's version 0",
+        "future_version: policy version above the learner's version 0",
+    ]
+    assert cluster.accounting().get("dropped:future_version") == 4
+    assert cluster.accounting().get("trained") == 8

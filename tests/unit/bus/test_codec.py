@@ -445,12 +445,12 @@ WIRE_CASES: list[tuple[str, bytes, str, str]] = [
     ("top-level int", msgpack.packb(3), "data", "must be a msgpack map (got int)"),
     ("empty input", b"", "data", "not valid msgpack"),
     ("trailing bytes", encode(examples()["leave"]) + b"\x00", "data", "trailing bytes after the message"),
-    ("non-string key", msgpack.packb({"kind": "leave", "v": 1, "meta": {1: 2}}), "data", "not valid msgpack"),
-    ("fixext", msgpack.packb({"kind": "leave", "meta": msgpack.ExtType(5, b"x")}), "data", "ext types are not allowed"),
-    ("empty ext8", b"\x81\xa4meta\xc7\x00\x05", "data", "msgpack ext type 5 is not allowed"),
-    ("timestamp ext", msgpack.packb({"t": msgpack.Timestamp(1, 0)}), "data", "ext types are not allowed"),
+    ("non-string key", msgpack.packb({"kind": "leave", "v": 1, "meta": {1: 2}}), "meta", "not valid msgpack"),
+    ("fixext", msgpack.packb({"kind": "leave", "meta": msgpack.ExtType(5, b"x")}), "meta", "ext types are not allowed"),
+    ("empty ext8", b"\x81\xa4meta\xc7\x00\x05", "meta", "msgpack ext type 5 is not allowed"),
+    ("timestamp ext", msgpack.packb({"t": msgpack.Timestamp(1, 0)}), "t", "ext types are not allowed"),
     ("deep nesting", b"\x91" * 100_000 + b"\xc0", "data", "not valid msgpack (StackError"),
-    ("bin32 claiming 4 GB", b"\x81\xa4meta\xc6\xff\xff\xff\xff" + b"\0" * 64, "data", "not valid msgpack"),
+    ("bin32 claiming 4 GB", b"\x81\xa4meta\xc6\xff\xff\xff\xff" + b"\0" * 64, "meta", "not valid msgpack"),
     ("array32 claiming 4G items", b"\xdd\xff\xff\xff\xff\x00", "data", "not valid msgpack"),
     ("str32 claiming 4 GB", b"\xdb\xff\xff\xff\xffabc", "data", "not valid msgpack"),
 ]  # fmt: skip
@@ -467,7 +467,7 @@ def test_declared_lengths_beyond_limits_fail_before_allocating() -> None:
     limits = Limits(max_tokens=16, max_meta_bytes=64)
     claim = b"\x81\xa4meta\xc5\x01\x00" + b"\0" * 256  # a complete 256-byte bin, over max_bin_len = 64
     error = decode_error(claim, limits)
-    assert error.field == "data" and "exceeds max_bin_len(64)" in error.rule
+    assert error.field == "meta" and "exceeds max_bin_len(64)" in error.rule
 
 
 def test_whole_message_size_is_checked_by_encode_and_decode() -> None:
@@ -561,3 +561,10 @@ def test_wire_protocol_doc_shows_the_example_verbatim() -> None:
     block = doc.split("## Producing without Slipstream")[1].split("```python\n")[1].split("```")[0]
     assert block in EXAMPLE.read_text()
     assert "## Streams, consumer groups and delivery guarantees" in doc
+
+
+@pytest.mark.parametrize("kind", ["join", "leave", "heartbeat"])
+def test_a_node_event_without_version_or_with_nil_serves_version_0(kind: str) -> None:
+    # docs/wire-protocol.md: `version` is optional (an agent serves no policy); absent or nil means 0.
+    for mutate in (lambda w: w.pop("version"), lambda w: w.update(version=None)):
+        assert decode(wire_case(kind, mutate)).version == 0

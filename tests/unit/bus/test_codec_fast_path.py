@@ -187,24 +187,28 @@ def test_an_invalid_optional_value_is_still_written_so_that_decode_names_it() ->
 
 
 @pytest.mark.parametrize(
-    ("data", "rule"),
+    ("data", "field", "rule"),
     [
-        (b"\x81\xa4meta\xc4\x64" + b"\0" * 10, "not valid msgpack (ValueError: Unpack failed: incomplete input)"),
-        (b"\x81\xa4meta\xc4\x44" + b"\0" * 68, "not valid msgpack (ValueError: 68 exceeds max_bin_len(64))"),
-        (b"\x81\xa4meta\xdc\x00\x05\x01", "not valid msgpack (ValueError: Unpack failed: incomplete input)"),
-        (b"\x82\xa4meta\x80", "not valid msgpack (ValueError: Unpack failed: incomplete input)"),
-        (b"\x81\xa4meta\xc7\x00\x05", "msgpack ext type 5 is not allowed"),
-        (b"\x81\xa4meta\xc4\x01x\x00", "trailing bytes after the message"),
+        (
+            b"\x81\xa4meta\xc4\x64" + b"\0" * 10,
+            "meta",
+            "not valid msgpack (ValueError: Unpack failed: incomplete input)",
+        ),
+        (b"\x81\xa4meta\xc4\x44" + b"\0" * 68, "meta", "not valid msgpack (ValueError: 68 exceeds max_bin_len(64))"),
+        (b"\x81\xa4meta\xdc\x00\x05\x01", "meta", "not valid msgpack (ValueError: Unpack failed: incomplete input)"),
+        (b"\x82\xa4meta\x80", "data", "not valid msgpack (ValueError: Unpack failed: incomplete input)"),
+        (b"\x81\xa4meta\xc7\x00\x05", "meta", "msgpack ext type 5 is not allowed"),
+        (b"\x81\xa4meta\xc4\x01x\x00", "data", "trailing bytes after the message"),
     ],
 )
-def test_decode_fails_alike_below_and_above_the_small_input_size(data: bytes, rule: str) -> None:
+def test_decode_fails_alike_below_and_above_the_small_input_size(data: bytes, field: str, rule: str) -> None:
     """Inputs up to Limits.small_message_bytes (64 here) are unpacked without parsing the configured limits
     (msgpack's own, derived from the input's length, are tighter there); they fail as any input does."""
     limits = Limits(max_tokens=16, max_meta_bytes=64)
     assert limits.small_message_bytes == 64
     with pytest.raises(MessageError) as info:
         decode(data, limits)
-    assert (info.value.field, info.value.rule) == ("data", rule)
+    assert (info.value.field, info.value.rule) == (field, rule)
 
 
 def long_trajectory(id_: str = "t0") -> Trajectory:

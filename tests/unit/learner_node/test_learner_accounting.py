@@ -240,7 +240,10 @@ def test_dead_letter_helpers() -> None:
 
 
 def test_every_drop_reason_is_declared_and_its_series_exists_before_the_first_drop() -> None:
-    dead_letters = ("stale: lag 3", "incomplete_group: 1 < 2", "nonfinite_gradient: nan", "deliveries: 6 > 5", "bad x")
+    dead_letters = (
+        "stale: lag 3", "future_version: 9 > 2", "incomplete_group: 1 < 2", "nonfinite_gradient: nan",
+        "deliveries: 6 > 5", "bad x",
+    )  # fmt: skip
     # Duplicates and zero-variance groups are settled, not dead-lettered: every other reason comes from a dead letter.
     assert {dead_reason(r) for r in dead_letters} | {"duplicate", FILTERED} == set(DROP_REASONS)
     assert set(metrics.DROP_REASONS) == set(DROP_REASONS)
