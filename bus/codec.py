@@ -15,6 +15,7 @@ trajectories) and `bus.field_rules` (the rules of single fields, and `Limits`).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from bus import decode_budget
 from bus.field_rules import DEFAULT_LIMITS, MAX_NAME_CHARS, Limits, error_text, kind_of, reject_ext, show
-from bus.schema import SCHEMA_VERSION, Message, MessageError
+from bus.schema import KINDS, SCHEMA_VERSION, Message, MessageError
 from bus.wire_maps import CODECS, CODECS_BY_KIND, WireCodec, missing_field
 
 __all__ = [
@@ -148,7 +149,7 @@ def _failing_path(data: bytes | bytearray | memoryview, limits: Limits, size: in
         for _ in range(unpacker.read_map_header()):
             path = "data"
             key = unpacker.unpack()
-            path = key if type(key) is str else "data"
+            path = key if key in _FIELD_NAMES else "data"  # a hostile key is not a field to name (nor to echo)
             members = _array_header(unpacker) if key == "trajectories" else None
             if members is None:
                 unpacker.unpack()
@@ -158,11 +159,15 @@ def _failing_path(data: bytes | bytearray | memoryview, limits: Limits, size: in
                 for _ in range(unpacker.read_map_header()):
                     path = f"trajectories[{i}]"
                     member_key = unpacker.unpack()
-                    path = f"{path}.{member_key}" if type(member_key) is str else path
+                    path = f"{path}.{member_key}" if member_key in _FIELD_NAMES else path
                     unpacker.unpack()
     except Exception:
         return path
     return "data"
+
+
+# Every field name of every kind: what `_failing_path` may name.
+_FIELD_NAMES = frozenset({"kind", "v"} | {f.name for cls in KINDS for f in dataclasses.fields(cls)})
 
 
 def _array_header(unpacker: msgpack.Unpacker) -> int | None:

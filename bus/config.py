@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from bus.codec import Limits
 
 StreamName = Literal["tasks", "trajectories", "control", "dead"]
+# A dead letter's fields besides its payload: the reason (cut to MAX_REASON_CHARS), stream, group, ids, producer,
+# counts, time and digest, with Redis's per-entry overhead: what `dead_max_bytes` reserves for each entry.
+DEAD_RECORD_BYTES = 2048
+MAX_REASON_CHARS = 1024
 
 
 class BusConfig(Section):
@@ -68,6 +72,19 @@ class BusConfig(Section):
     )
     dead_retain: int = Field(
         100_000, ge=1, le=100_000_000, description="entries kept on the dead stream (older ones are dropped by design)"
+    )
+    dead_payload_bytes: int = Field(
+        16_384,
+        ge=256,
+        le=2**31 - 1,
+        description="a dead letter keeps at most this prefix of its payload (with the full size and SHA-256)",
+    )
+    dead_max_bytes: int = Field(
+        2**30,
+        ge=2**20,
+        le=2**40,
+        description="the dead stream's bound in bytes: it keeps at most dead_max_bytes // ((dead_payload_bytes + "
+        "2 KiB) x 1.25) entries (a dead letter's fields take under 2 KiB; the allocator rounds up), if < dead_retain",
     )
     block_ms: int = Field(1000, ge=0, le=60_000, description="how long a consumer poll waits for new entries")
     lease_ms: int = Field(
@@ -156,6 +173,18 @@ class BusConfig(Section):
     def dead(self) -> str:
         """Full key of the dead-letter stream."""
         return self.stream("dead")
+
+    @property
+    def dead_entries(self) -> int:
+        """Entries the dead stream keeps: `dead_retain`, fewer where `dead_max_bytes` bounds them (each takes at most
+        `dead_entry_bytes`)."""
+        return max(1, min(self.dead_retain, self.dead_max_bytes // self.dead_entry_bytes))
+
+    @property
+    def dead_entry_bytes(self) -> int:
+        """The most Redis memory one dead letter takes: its payload prefix and fields, rounded up as the allocator's
+        size classes do (by up to a quarter)."""
+        return (self.dead_payload_bytes + DEAD_RECORD_BYTES) * 5 // 4
 
     def limits(self) -> Limits:
         """The codec limits these settings describe."""

@@ -191,7 +191,8 @@ class Ledger:
                         if (fields.get(b"stream"), fields.get(b"group")) == mine:
                             reason = dead_reason(fields.get(b"reason", b"").decode(errors="replace"))
                             data = fields.get(b"data", b"")
-                            counts[f"dropped:{reason}"] += trajectory_count(data)
+                            members = fields.get(b"members")  # counted on the whole payload (data may be cut)
+                            counts[f"dropped:{reason}"] += int(members) if members else trajectory_count(data)
                             if task_prefix and reason in LEARNER_REASONS and _task_id(data).startswith(task_prefix):
                                 counts["tasks"] += 1
                     pipe.multi()

@@ -12,6 +12,7 @@ Transports move BYTES; decoding and validation live a floor above (`bus.consumer
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from abc import ABC, abstractmethod
@@ -22,7 +23,8 @@ from types import TracebackType
 import structlog
 from prometheus_client import Counter
 
-from bus.config import BusConfig
+from bus.codec import member_count
+from bus.config import MAX_REASON_CHARS, BusConfig
 from telemetry.metrics import BUS_BACKPRESSURE_WAIT, BUS_MESSAGES
 
 log = structlog.get_logger(__name__)
@@ -68,7 +70,11 @@ class Delivery:
 
 @dataclass(slots=True)
 class DeadLetter:
-    """One entry of the dead stream: the rejected payload and why, where from, by whom, when (unix seconds)."""
+    """One entry of the dead stream: the rejected payload and why, where from, by whom, when (unix seconds).
+
+    data: the payload, or its first `bus.dead_payload_bytes` when it was larger; size and sha256 (hex) are the
+    whole payload's. members: the trajectories it stands for (a group's members, else 1), read from the whole
+    payload, for the accounting."""
 
     entry_id: str
     data: bytes
@@ -79,6 +85,14 @@ class DeadLetter:
     producer: str
     deliveries: int
     time: float
+    size: int = 0
+    sha256: str = ""
+    members: int = 1
+
+    @property
+    def truncated(self) -> bool:
+        """Whether `data` is only a prefix of the payload."""
+        return self.size > len(self.data)
 
 
 class Transport(ABC):
@@ -164,7 +178,25 @@ class Transport(ABC):
         round trip nor a log line per message (the dead stream holds every one with its reason)."""
         if not rejected:
             return
-        self._dead_letter_many(stream, group, rejected)
+        cap, now = self.config.dead_payload_bytes, time.time()
+        letters = [
+            DeadLetter(
+                entry_id="",  # the dead stream's, given by the transport
+                data=delivery.data[:cap],
+                reason=reason[:MAX_REASON_CHARS],
+                stream=stream,
+                group=group,
+                source_entry_id=delivery.entry_id,
+                producer=producer,
+                deliveries=delivery.deliveries,
+                time=now,
+                size=len(delivery.data),
+                sha256=hashlib.sha256(delivery.data).hexdigest(),
+                members=member_count(delivery.data) or 1,  # walked, never decoded: the payload may be hostile
+            )
+            for delivery, reason, producer in rejected
+        ]
+        self._dead_letter_many(stream, group, letters)
         self._count(stream, "dead_lettered", len(rejected))
         delivery, reason, _ = rejected[0]
         log.warning(
@@ -202,8 +234,9 @@ class Transport(ABC):
         afterwards. A stream without any group is left whole (nobody has read it yet)."""
 
     @abstractmethod
-    def dead_letters(self, count: int = 100) -> list[DeadLetter]:
-        """The newest `count` dead letters, oldest first."""
+    def dead_letters(self, count: int = 100, before: str | None = None) -> list[DeadLetter]:
+        """The newest `count` dead letters (older than entry id `before`, when given: the next page back), oldest
+        first."""
 
     @abstractmethod
     def close(self) -> None:
@@ -226,13 +259,9 @@ class Transport(ABC):
         """`ack` without metrics."""
 
     @abstractmethod
-    def _dead_letter(self, stream: str, group: str, delivery: Delivery, reason: str, producer: str) -> None:
-        """`dead_letter` without metrics and logs."""
-
-    def _dead_letter_many(self, stream: str, group: str, rejected: Sequence[tuple[Delivery, str, str]]) -> None:
-        """`dead_letter_many` without metrics and logs: one `_dead_letter` each, unless a transport batches them."""
-        for delivery, reason, producer in rejected:
-            self._dead_letter(stream, group, delivery, reason, producer)
+    def _dead_letter_many(self, stream: str, group: str, letters: Sequence[DeadLetter]) -> None:
+        """Append `letters` to the dead stream (each gets its entry id there) and ack their source entries, in one
+        round trip and atomically where the transport allows; no metrics, no logs."""
 
     def _screen(self, stream: str, group: str, deliveries: list[Delivery]) -> list[Delivery]:
         """Dead-letter poison entries, count the rest as consumed (and redelivered), return the rest."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from bus.config import BusConfig
 from bus.transport.base import BusError, DeadLetter, Delivery, Transport
@@ -154,20 +154,12 @@ class InProcTransport(Transport):
             for entry_id in entry_ids:
                 g.pending.pop(_seq(entry_id), None)
 
-    def _dead_letter(self, stream: str, group: str, delivery: Delivery, reason: str, producer: str) -> None:
-        record: Fields = {
-            "data": delivery.data,
-            "reason": reason,
-            "stream": stream,
-            "group": group,
-            "entry_id": delivery.entry_id,
-            "producer": producer,
-            "deliveries": delivery.deliveries,
-            "time": time.time(),
-        }
+    def _dead_letter_many(self, stream: str, group: str, letters: Sequence[DeadLetter]) -> None:
         with self._broker.cond:
-            self._broker.stream(self.config.dead).append(record, self.config.dead_retain)
-            self._group(stream, group)[1].pending.pop(_seq(delivery.entry_id), None)
+            for letter in letters:
+                record: Fields = {k: v for k, v in asdict(letter).items() if k != "entry_id"}
+                self._broker.stream(self.config.dead).append(record, self.config.dead_entries)
+                self._group(stream, group)[1].pending.pop(_seq(letter.source_entry_id), None)
             self._broker.cond.notify_all()
 
     def requeue(self, stream: str, group: str, delivery: Delivery, consumer: str | None = None) -> str | None:
@@ -220,22 +212,13 @@ class InProcTransport(Transport):
                 s.drop_below(min(min(g.pending, default=g.last + 1) for g in s.groups.values()))
             return len(s.entries)
 
-    def dead_letters(self, count: int = 100) -> list[DeadLetter]:
+    def dead_letters(self, count: int = 100, before: str | None = None) -> list[DeadLetter]:
         with self._broker.cond:
             s = self._broker.stream(self.config.dead)
-            seqs = range(max(s.first, s.next_seq - count), s.next_seq)
+            end = s.next_seq if before is None else min(s.next_seq, _seq(before))
+            seqs = range(max(s.first, end - count), end)
             return [
-                DeadLetter(
-                    entry_id=_entry_id(q),
-                    data=bytes(s.entries[q]["data"]),
-                    reason=str(s.entries[q]["reason"]),
-                    stream=str(s.entries[q]["stream"]),
-                    group=str(s.entries[q]["group"]),
-                    source_entry_id=str(s.entries[q]["entry_id"]),
-                    producer=str(s.entries[q]["producer"]),
-                    deliveries=int(s.entries[q]["deliveries"]),
-                    time=float(s.entries[q]["time"]),
-                )
+                DeadLetter(entry_id=_entry_id(q), **s.entries[q])  # type: ignore[arg-type]
                 for q in seqs
             ]
 

@@ -12,7 +12,6 @@ consumer's dedup (by message id) absorbs that, which is why delivery is at-least
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -192,30 +191,30 @@ class RedisTransport(Transport):
     def _ack(self, stream: str, group: str, entry_ids: Sequence[str]) -> None:
         self.retrying(lambda: self.client.xack(stream, group, *entry_ids))
 
-    def _dead_letter(self, stream: str, group: str, delivery: Delivery, reason: str, producer: str) -> None:
-        self._dead_letter_many(stream, group, [(delivery, reason, producer)])
-
-    def _dead_letter_many(self, stream: str, group: str, rejected: Sequence[tuple[Delivery, str, str]]) -> None:
-        now = repr(time.time())
+    def _dead_letter_many(self, stream: str, group: str, letters: Sequence[DeadLetter]) -> None:
         records = [
             {
-                _DATA: delivery.data,
-                b"reason": reason,
+                _DATA: letter.data,
+                b"reason": letter.reason,
                 b"stream": stream,
                 b"group": group,
-                b"entry_id": delivery.entry_id,
-                b"producer": producer,
-                b"deliveries": delivery.deliveries,
-                b"time": now,
+                b"entry_id": letter.source_entry_id,
+                b"producer": letter.producer,
+                b"deliveries": letter.deliveries,
+                b"time": repr(letter.time),
+                b"size": letter.size,
+                b"sha256": letter.sha256,
+                b"members": letter.members,
             }
-            for delivery, reason, producer in rejected
+            for letter in letters
         ]
+        maxlen = self.config.dead_entries
 
         def op() -> None:
             pipe = self.client.pipeline(transaction=True)  # MULTI: the copies and the acks land together
             for record in records:
-                pipe.xadd(self.config.dead, record, maxlen=self.config.dead_retain, approximate=True)
-            pipe.xack(stream, group, *(delivery.entry_id for delivery, _, _ in rejected))
+                pipe.xadd(self.config.dead, record, maxlen=maxlen, approximate=False)  # exact: a bound in bytes
+            pipe.xack(stream, group, *(letter.source_entry_id for letter in letters))
             pipe.execute()
 
         self.retrying(op)
@@ -315,8 +314,9 @@ class RedisTransport(Transport):
                 self._append_only.add(stream)
         return self.length(stream)
 
-    def dead_letters(self, count: int = 100) -> list[DeadLetter]:
-        entries = self.retrying(lambda: self.client.xrevrange(self.config.dead, count=count))
+    def dead_letters(self, count: int = 100, before: str | None = None) -> list[DeadLetter]:
+        newest = "+" if before is None else f"({before}"
+        entries = self.retrying(lambda: self.client.xrevrange(self.config.dead, max=newest, count=count))
         out = []
         for entry_id, f in reversed(entries):
             text = {_str(k): _str(v) for k, v in f.items() if k != _DATA}
@@ -331,6 +331,9 @@ class RedisTransport(Transport):
                     producer=text.get("producer", ""),
                     deliveries=int(text.get("deliveries", 0)),
                     time=float(text.get("time", 0)),
+                    size=int(text.get("size", len(f.get(_DATA, b"")))),
+                    sha256=text.get("sha256", ""),
+                    members=int(text.get("members", 1)),
                 )
             )
         return out

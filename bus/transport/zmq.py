@@ -21,6 +21,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
+from dataclasses import replace
 
 import structlog
 import zmq
@@ -64,7 +65,7 @@ class ZmqTransport(Transport):
         # Received messages not yet handed out, per stream (one socket carries every stream).
         self._buffers: defaultdict[str, deque[Delivery]] = defaultdict(deque)
         self._seq = itertools.count(1)
-        self._dead: deque[DeadLetter] = deque(maxlen=config.dead_retain)
+        self._dead: deque[DeadLetter] = deque(maxlen=config.dead_entries)
 
     # --- sockets -------------------------------------------------------------------------------------------------
     def _pusher(self) -> zmq.Socket:
@@ -193,20 +194,8 @@ class ZmqTransport(Transport):
     def _ack(self, stream: str, group: str, entry_ids: Sequence[str]) -> None:
         """Nothing to ack: ZeroMQ has no broker-side pending list."""
 
-    def _dead_letter(self, stream: str, group: str, delivery: Delivery, reason: str, producer: str) -> None:
-        self._dead.append(
-            DeadLetter(
-                entry_id=str(next(self._seq)),
-                data=delivery.data,
-                reason=reason,
-                stream=stream,
-                group=group,
-                source_entry_id=delivery.entry_id,
-                producer=producer,
-                deliveries=delivery.deliveries,
-                time=time.time(),
-            )
-        )
+    def _dead_letter_many(self, stream: str, group: str, letters: Sequence[DeadLetter]) -> None:
+        self._dead.extend(replace(letter, entry_id=str(next(self._seq))) for letter in letters)
 
     def requeue(self, stream: str, group: str, delivery: Delivery, consumer: str | None = None) -> str | None:
         entry_id = str(next(self._seq))
@@ -229,8 +218,9 @@ class ZmqTransport(Transport):
     def trim(self, stream: str) -> int:
         return len(self._buffers[stream])
 
-    def dead_letters(self, count: int = 100) -> list[DeadLetter]:
-        return list(self._dead)[-count:]
+    def dead_letters(self, count: int = 100, before: str | None = None) -> list[DeadLetter]:
+        letters = [d for d in self._dead if before is None or int(d.entry_id) < int(before)]
+        return letters[-count:]
 
     def close(self) -> None:
         if self._auth is not None:

@@ -2,7 +2,9 @@
 
 Streams (length, pending per group), nodes (last join / heartbeat / leave on the control stream, with version and
 age), the newest weights version, the accounting hash (published = trained + dropped by reason) and the newest
-dead letters with their reasons.
+dead letters with their reasons, a page at a time: `--dead N` of them, and `--dead-before ID` for the page older
+than the entry `ID` (the JSON's `dead_next`). A dead letter's payload is never read into the output: only its size,
+SHA-256 and whether the dead stream kept all of it (it keeps a prefix of `bus.dead_payload_bytes`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ CONTROL_SCAN = 10_000  # newest control entries read to find every node's last w
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="TOML file whose [bus] section names the Redis")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--dead", type=int, default=5, help="newest dead letters to show")
+    parser.add_argument("--dead", type=int, default=5, help="dead letters to show (a page, newest first)")
+    parser.add_argument("--dead-before", default=None, help="show the page of dead letters older than this entry id")
 
 
-def collect(bus: Any, dead: int) -> dict[str, Any]:
-    """Everything `status` shows, as plain data. `bus` is a `BusConfig` with a Redis URL."""
+def collect(bus: Any, dead: int, dead_before: str | None = None) -> dict[str, Any]:
+    """Everything `status` shows, as plain data. `bus` is a `BusConfig` with a Redis URL; `dead` dead letters older
+    than entry id `dead_before` (None: the newest)."""
     import time
 
     from bus.codec import decode
@@ -63,10 +67,21 @@ def collect(bus: Any, dead: int) -> dict[str, Any]:
                     "age_s": round(now - msg.created_at, 1),
                 }
         accounting = {_text(k): int(v) for k, v in client.hgetall(f"{bus.prefix}accounting").items()}
+        page = transport.dead_letters(dead, before=dead_before)[::-1]  # newest first
         letters = [
-            {"reason": d.reason, "stream": d.stream, "producer": d.producer, "age_s": round(now - d.time, 1)}
-            for d in transport.dead_letters(dead)
+            {
+                "entry_id": d.entry_id,
+                "reason": d.reason,
+                "stream": d.stream,
+                "producer": d.producer,
+                "age_s": round(now - d.time, 1),
+                "size": d.size,
+                "sha256": d.sha256,
+                "truncated": d.truncated,
+            }
+            for d in page
         ]
+        older = page and client.xrevrange(bus.dead, max=f"({page[-1].entry_id}", count=1)
         return {
             "url": transport_url(bus),
             "streams": streams,
@@ -74,6 +89,7 @@ def collect(bus: Any, dead: int) -> dict[str, Any]:
             "weights_version": weights_version,
             "accounting": accounting,
             "dead_letters": letters,
+            "dead_next": page[-1].entry_id if older else None,  # pass as --dead-before for the next page
         }
     finally:
         transport.close()
@@ -114,7 +130,13 @@ def render(status: dict[str, Any]) -> None:
             + " ".join(f"{k}={v}" for k, v in sorted(acc.items()) if k.startswith("dropped:"))
         )
     for letter in status["dead_letters"]:
-        console.print(f"dead: [red]{letter['reason']}[/] from {letter['producer']} on {letter['stream']}")
+        kept = " (prefix kept)" if letter["truncated"] else ""
+        console.print(
+            f"dead {letter['entry_id']}: [red]{letter['reason']}[/] from {letter['producer']} on {letter['stream']}, "
+            f"{letter['size']} bytes{kept}"
+        )
+    if status["dead_next"]:
+        console.print(f"older dead letters: --dead-before {status['dead_next']}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
     settings = load_or_exit(StatusSettings, args, "status")
     if settings.bus.type != "redis" or not settings.bus.url:
         raise SystemExit("slipstream status: needs a Redis bus: set bus.url (e.g. --bus.url redis://127.0.0.1:6379)")
-    status = collect(settings.bus, args.dead)
+    if args.dead < 0:
+        raise SystemExit(f"slipstream status: --dead: must be >= 0 (got {args.dead})")
+    status = collect(settings.bus, args.dead, args.dead_before)
     if args.json:
         print(json.dumps(status))
     else:

@@ -9,9 +9,15 @@ algorithm.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import subprocess
+import sys
 from collections.abc import Callable
+from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -119,3 +125,32 @@ def test_a_policy_version_above_the_learners_is_dead_lettered_not_trained(
     ]
     assert cluster.accounting().get("dropped:future_version") == 4
     assert cluster.accounting().get("trained") == 8
+
+
+@pytest.mark.timeout(180)
+def test_groups_over_the_size_bound_leave_prefixes_that_are_counted_and_paged(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # 8 x 40 MB dead letters used to hold Redis at 445 MB, each re-decoded whole by the accounting's scan (+3.27 GB
+    # for a 48 MB one) and read whole by `slipstream status`.
+    cluster = make_cluster({"learner": {"max_steps": 2, "checkpoint_every": 0}})
+    wire = Fuzzer().wire(2)
+    wire["meta"] = {"blob": "x" * 40_000_000}
+    oversized = msgpack.packb(wire)
+    learner = start_learner(cluster, [oversized, oversized])
+    assert learner.finish() == 0, learner.tail()
+    assert cluster.accounting()["dropped:invalid"] == 2 * 2  # each stands for its 2 members, counted from the header
+    assert cluster.client.memory_usage(cluster.bus.dead) < 2**20  # two prefixes of 16 KiB, not 80 MB of copies
+
+    def status(*args: str) -> dict[str, Any]:
+        argv = [sys.executable, "-m", "slipstream", "status", "--json", "--bus.url", cluster.redis_url, *args]
+        return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout)
+
+    first = status("--dead", "1")
+    [newest] = first["dead_letters"]
+    assert newest["size"] == len(oversized) and newest["truncated"] is True
+    assert newest["sha256"] == hashlib.sha256(oversized).hexdigest()
+    assert newest["reason"].startswith("data:") and "max_message_bytes" in newest["reason"]
+    second = status("--dead", "1", "--dead-before", first["dead_next"])
+    assert len(second["dead_letters"]) == 1 and second["dead_next"] is None
+    assert second["dead_letters"][0]["entry_id"] < newest["entry_id"]
