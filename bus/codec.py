@@ -104,7 +104,9 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
         else:  # large enough for what it decodes to to matter: bounded by `decode_budget` as it is built
             list_hook, object_hook = decode_budget.hooks(size)
             wire = msgpack.unpackb(data, list_hook=list_hook, object_hook=object_hook, **limits.unpack_options)
-    except MessageError as exc:  # an ext type, or over the decode budget: name the field where it happened
+    except decode_budget.OverBudget:
+        raise  # the whole message's (and reading it again to find a field would cost as much again)
+    except MessageError as exc:  # an ext type: name the field it is in
         raise MessageError(_failing_path(data, limits, size), exc.rule) from None
     except msgpack.ExtraData:
         raise MessageError("data", "trailing bytes after the message") from None

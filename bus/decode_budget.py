@@ -4,7 +4,7 @@ msgpack's length limits bound each string, bin, array and map, not what the whol
 wire can be a Python object of 50-70 bytes (an empty array is a list: 56 bytes and a pointer; an empty map a dict;
 a 2-character string 51 bytes), so 16 MB of nested empty arrays decoded to ~1 GB. msgpack calls `list_hook` and
 `object_hook` as each array and map is complete (innermost first), so `hooks(size)` estimates the bytes of every
-container and of its scalar elements as they are built and refuses the message (`MessageError` on `data`) once the
+container and of its scalar elements as they are built and refuses the message (`OverBudget`, on `data`) once the
 estimate passes the budget: what was built is freed, and the rest is never built.
 
 The estimate, per container: its own size (a list 56 + 8 per element; a dict 64 + 100 per entry, its key string
@@ -26,6 +26,10 @@ _SCALAR_BYTES: dict[type, int] = {float: 24, str: 50, bytes: 33, int: 28, bool: 
 _LIST_BYTES, _LIST_SLOT, _DICT_BYTES, _DICT_ENTRY = 56, 8, 64, 100
 
 
+class OverBudget(MessageError):
+    """The message decodes to more objects than its budget: a property of the whole message (field `data`)."""
+
+
 def _elements(values: Any, count: int) -> int:
     """Estimated bytes of the scalar objects among `values` (`count` of them)."""
     kinds = set(map(type, values))
@@ -43,7 +47,7 @@ def hooks(size: int) -> tuple[Callable[[list[Any]], list[Any]], Callable[[dict[s
         nonlocal spent
         spent += amount
         if spent > budget:
-            raise MessageError(
+            raise OverBudget(
                 "data",
                 f"decodes to over {MAX_AMPLIFICATION}x its {size} bytes in objects (nested containers, short "
                 "strings, arrays of numbers): refused unbuilt; send token and logprob arrays as bin",

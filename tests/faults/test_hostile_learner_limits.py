@@ -12,14 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from bus.codec import encode
 from bus.schema import MAX_ABS_REWARD, Preference, new_id
@@ -28,13 +32,13 @@ from .conftest import Cluster, Node
 from .hostile_helpers import DeadReader, Fuzzer
 
 
-def start_learner(cluster: Cluster, payloads: list[bytes], groups: int = 4) -> Node:
-    """XADD `payloads`, then `groups` valid groups (enough for the learner's 2 steps), and start it."""
+def start_learner(cluster: Cluster, payloads: list[bytes], groups: int = 4, *args: str) -> Node:
+    """XADD `payloads`, then `groups` valid groups (enough for the learner's 2 steps), and start it (with `args`)."""
     fuzzer = Fuzzer()
     groups = [encode(fuzzer.group(2, version=0)) for _ in range(groups)]
     for data in [*payloads, *groups]:
         cluster.client.xadd(cluster.trajectories, {"data": data})
-    return cluster.learner()
+    return cluster.learner(*args)
 
 
 @pytest.mark.timeout(120)
@@ -154,3 +158,37 @@ def test_groups_over_the_size_bound_leave_prefixes_that_are_counted_and_paged(
     second = status("--dead", "1", "--dead-before", first["dead_next"])
     assert len(second["dead_letters"]) == 1 and second["dead_next"] is None
     assert second["dead_letters"][0]["entry_id"] < newest["entry_id"]
+
+
+@pytest.mark.timeout(180)
+def test_a_step_whose_gradient_is_not_finite_is_never_applied_and_its_batch_is_dead_lettered(
+    make_cluster: Callable[..., Cluster], fault_model: Path, tmp_path: Path
+) -> None:
+    # Valid messages cannot make a gradient NaN any more (rewards and logprobs are bounded on the wire): a poisoned
+    # weight can. One NaN in the output layer makes every logprob, loss and gradient NaN.
+    poisoned = tmp_path / "poisoned-model"
+    shutil.copytree(fault_model, poisoned)
+    weights = load_file(poisoned / "model.safetensors")
+    name = next(n for n in weights if "lm_head" in n or "embed_tokens" in n)
+    weights[name][5, 0] = float("nan")
+    save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    before = {n: t.clone() for n, t in weights.items()}
+    cluster = make_cluster({"learner": {"max_steps": 2, "checkpoint_every": 1, "data_timeout_s": 8.0}})
+    fuzzer, groups = Fuzzer(), []
+    for _ in range(4):
+        group = fuzzer.group(2)
+        for member, reward in zip(group.trajectories, (0.0, 1.0), strict=True):
+            member.reward = reward  # advantages that are not 0: the step computes the (NaN) gradient
+        groups.append(encode(group))
+    learner = start_learner(cluster, groups, 0, "--model.path", str(poisoned))
+    assert learner.finish() == 1, learner.tail()  # no step possible: every batch refused, then no data
+    reasons = [r.reason for r in DeadReader(cluster.client, cluster.bus.dead).read().values()]
+    assert len(reasons) == 4 and all(r.startswith("nonfinite_gradient: ") for r in reasons), reasons
+    assert cluster.accounting()["dropped:nonfinite_gradient"] == 4 * 2
+    assert not learner.events("train_step")
+    [summary] = learner.events("summary")
+    assert summary["steps"] == 0 and summary["accounting"]["dropped:nonfinite_gradient"] == 4 * 2
+    assert cluster.latest_checkpoint() == 0
+    saved = cluster.checkpoint_weights(0)
+    for n, t in before.items():  # nothing was applied: the weights are the poisoned ones, not NaN everywhere
+        assert torch.equal(torch.nan_to_num(saved[n].float()), torch.nan_to_num(t.float())), n

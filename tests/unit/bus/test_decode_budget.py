@@ -43,9 +43,9 @@ print(json.dumps({"peak": peak, "size": len(data), "error": error}))
 """
 
 SHAPES = {  # msgpack element -> what the decode must come to
-    "empty arrays": ("90", "meta: decodes to over"),  # a list each: 64 bytes per wire byte
-    "empty maps": ("80", "meta: decodes to over"),  # a dict each: 72 per byte
-    "2-character strings": ("a26162", "meta: decodes to over"),  # 59 bytes per 3
+    "empty arrays": ("90", "data: decodes to over"),  # a list each: 64 bytes per wire byte
+    "empty maps": ("80", "data: decodes to over"),  # a dict each: 72 per byte
+    "2-character strings": ("a26162", "data: decodes to over"),  # 59 bytes per 3
     "small ints": ("01", "trajectories: required field missing"),  # a pointer each (cached objects): 8x, within
     "floats": ("cb3fe0000000000000", "trajectories: required field missing"),  # 32 bytes per 9
     "uint32 ints": ("ce00011170", "trajectories: required field missing"),  # 36 bytes per 5
