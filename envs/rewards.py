@@ -234,7 +234,8 @@ class UserFunction(Reward):
         return self._fn
 
     def __call__(self, completions: list[str], **kwargs: Any) -> list[float]:
-        return self.load()(completions, **{**kwargs, **self.kwargs})
+        # By keyword, as TRL calls them: a function may take (prompts, completions, ...) in any order.
+        return self.load()(completions=completions, **{**kwargs, **self.kwargs})
 
 
 def _reward_kind(value: Any) -> str:

@@ -23,6 +23,9 @@ Prompt = str | list[Message]
 # Ground truth may come under any of these names (TRL's reward functions read `solution`); the first present wins
 # and is copied to meta["ground_truth"], so built-in rewards read one name whatever the dataset called it.
 GROUND_TRUTH_COLUMNS = ("ground_truth", "answer", "solution")
+# The task meta key that carries a conversational prompt's messages from the learner (which sends the prompt as
+# token ids: only its rendering gives them) to the rollout node's rewards (TRL passes them as `prompts`).
+PROMPT_MESSAGES = "prompt_messages"
 
 
 @dataclass(frozen=True)

@@ -74,9 +74,12 @@ class RewardSet:
     ) -> ScoreResult:
         """Score B completions; rows[i] is the prompt row of completions[i] (a group repeats its row).
 
-        Reward functions receive `prompts` ([B] row prompts), `completion_ids` ([B] token id lists, when given) and
-        each meta column as a [B] list (None where a row lacks it). A reward that raises or returns a malformed
-        result scores 0.0 on the whole batch, counts one error and logs a warning.
+        Reward functions receive `prompts` ([B] row prompts: text, or message lists for conversational rows),
+        `completion_ids` ([B] token id lists, when given) and each meta column as a [B] list (None where a row lacks
+        it). As in TRL, user functions get the completions of conversational rows as message lists
+        (`[{"role": "assistant", "content": text}]`), of standard rows as text; built-in rewards always get text. A
+        reward that raises or returns a malformed result scores 0.0 on the whole batch, counts one error and logs a
+        warning.
         """
         if len(rows) != len(completions):
             raise ValueError(f"score: {len(rows)} rows for {len(completions)} completions")
@@ -85,12 +88,16 @@ class RewardSet:
         kwargs["prompts"] = [row.prompt for row in rows]
         if completion_ids is not None:
             kwargs["completion_ids"] = completion_ids
+        # TRL hands a conversational prompt's completions to reward functions as message lists; built-ins read text.
+        conversational = bool(rows) and isinstance(rows[0].prompt, list)
+        messages = [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions
         size = len(completions)
         named: dict[str, list[float]] = {}
         errors: dict[str, int] = {}
         for reward in self.rewards:
+            given = messages if isinstance(reward, UserFunction) else completions
             try:
-                named[reward.label] = _checked(reward(completions, **kwargs), size)
+                named[reward.label] = _checked(reward(given, **kwargs), size)
                 errors[reward.label] = 0
             except Exception as exc:  # a user's reward may raise anything; it must cost a score, not the node
                 log.warning("reward_failed", reward=reward.label, batch=size, error=f"{type(exc).__name__}: {exc}")

@@ -30,8 +30,10 @@ import numpy as np
 
 from bus.schema import Sampling, Task
 from envs.dataset import PromptDataset
-from envs.rows import PromptRow
+from envs.rows import PROMPT_MESSAGES, PromptRow
 from telemetry.metrics import ADMISSION_INFLIGHT_SAMPLES, ADMISSION_TASKS_PUBLISHED
+
+MESSAGES_META_CHARS = 16_384  # content characters of a conversational prompt sent along in its task's meta
 
 Publish = Callable[[list[Task], dict[str, Any]], Any]  # (tasks, the state after them): publish and persist at once
 
@@ -99,7 +101,7 @@ class Admission:
                     prompt=self.prompt(row),
                     n=self.n,
                     sampling=self.sampling,
-                    meta={**row.meta, "row_id": row.id},
+                    meta={**row.meta, "row_id": row.id, **_prompt_messages(row)},
                     min_version=min_version,
                 )
             )
@@ -121,3 +123,12 @@ class Admission:
         self.dataset.load_state_dict({key: int(state[key]) for key in ("epoch", "index", "seed", "size")})
         self.nonce = str(state["nonce"])
         self.published, self.trained, self.dropped = (int(state[k]) for k in ("published", "trained", "dropped"))
+
+
+def _prompt_messages(row: PromptRow) -> dict[str, Any]:
+    """A conversational row's messages for the task's meta (its prompt travels as token ids): the rollout node's
+    rewards get them as TRL does. Beyond MESSAGES_META_CHARS of content they would crowd the meta bound
+    (`bus.max_meta_bytes`): the rewards then get the prompt's text."""
+    if isinstance(row.prompt, list) and sum(len(m["content"]) for m in row.prompt) <= MESSAGES_META_CHARS:
+        return {PROMPT_MESSAGES: row.prompt}
+    return {}

@@ -33,6 +33,7 @@ from bus.consumer import MessageConsumer, Received
 from bus.schema import MessageError, Task
 from envs import PolicyTurn, PromptRow, RewardSet, make_environment, render_prompt, run_episode
 from envs.render import uses_chat_template
+from envs.rows import PROMPT_MESSAGES, Prompt, check_messages
 from rollout_node.config import RolloutSettings
 from rollout_node.engines.base import Engine, Sample, error_reason
 from rollout_node.trajectories import Completion, Publisher, episode_versions, score_group
@@ -159,6 +160,9 @@ class TaskPipeline:
         task = received.message
         assert isinstance(task, Task)
         fmt = self.settings.task.format
+        meta = dict(task.meta)
+        messages = meta.pop(PROMPT_MESSAGES, None)  # a conversation the learner rendered to the ids: for the rewards
+        row_prompt: Prompt
         if isinstance(task.prompt, str):
             text = render_prompt(task.prompt, fmt, self.tokenizer)
             # The template holds its special tokens already.
@@ -167,10 +171,11 @@ class TaskPipeline:
             row_prompt = task.prompt
         else:
             prompt_ids = [int(t) for t in task.prompt]
-            row_prompt = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+            decoded = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+            row_prompt = decoded if messages is None else check_messages(messages, f"meta.{PROMPT_MESSAGES}")
         if not prompt_ids:
             raise ValueError("renders to no tokens")
-        job = Job(received, task, prompt_ids, PromptRow(task.id, row_prompt, dict(task.meta)))
+        job = Job(received, task, prompt_ids, PromptRow(task.id, row_prompt, meta))
         with self._lock:
             if received.entry_id in self._in_hand:
                 self._in_hand[received.entry_id] = job

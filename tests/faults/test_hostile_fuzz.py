@@ -219,6 +219,8 @@ def test_a_flood_of_100k_hostile_messages_is_dead_lettered_while_the_learner_tra
     tally, learner, rss = fuzz_while_training(cluster, total, bursts)
     assert sum(tally.sent.values()) == total
     assert_survived(cluster, tally, learner, rss["learner"])
+    [summary] = learner.events("summary")
+    record_property("steps_accounting", (summary["steps"], summary["accounting"]))
     record_property("hostile_messages", total)
     record_property("learner_rss_mib_start_max", (round(rss["learner"][0] / MiB), round(max(rss["learner"]) / MiB)))
 
@@ -233,5 +235,7 @@ def test_a_flood_of_1m_hostile_messages_is_dead_lettered_while_the_learner_train
     tally, learner, rss = fuzz_while_training(cluster, total, bursts)
     assert sum(tally.sent.values()) == total
     assert_survived(cluster, tally, learner, rss["learner"])
+    [summary] = learner.events("summary")
+    record_property("steps_accounting", (summary["steps"], summary["accounting"]))
     record_property("hostile_messages", total)
     record_property("learner_rss_mib_start_max", (round(rss["learner"][0] / MiB), round(max(rss["learner"]) / MiB)))

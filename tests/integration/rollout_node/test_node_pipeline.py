@@ -15,6 +15,7 @@ from bus.config import BusConfig
 from bus.schema import Group, Join, Sampling, Task, new_id
 from bus.settings import load_settings
 from bus.transport import setup_transport
+from envs.rows import PROMPT_MESSAGES
 from rollout_node.config import RolloutSettings
 from rollout_node.engines.base import TorchEngineConfig
 from rollout_node.engines.torch_engine import TorchEngine
@@ -31,6 +32,13 @@ from envs import EnvReply, Environment
 
 def explode(completions, **kwargs):
     raise RuntimeError("this reward always fails")
+
+
+def conversational(prompts, completions, **kwargs):
+    """TRL's conversational shape: a message list per prompt and per completion; 1.0 where both are."""
+    user = [p[-1]["content"] == "2+2?" for p in prompts]
+    text = [c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in completions]
+    return [float(u and t) for u, t in zip(user, text)]
 
 
 class Observe(Environment):
@@ -130,6 +138,22 @@ def test_a_failing_reward_scores_zero_and_is_counted(cluster: Cluster, user_modu
             assert tr.rewards["explode"] == 0.0
             assert tr.reward == tr.rewards["exact_match"]  # the failed reward adds nothing
     assert metric("slipstream_rollout_reward_errors_total", function="explode") == before + len(tasks)
+
+
+def test_a_conversational_task_gives_rewards_its_messages_as_trl_does(cluster: Cluster, user_module: str) -> None:
+    # The learner sends a conversation as the token ids of its rendering, with the messages in the task's meta.
+    node = cluster.start("--task.rewards", f'[{{"function": "{user_module}:conversational"}}]')
+    assert node.readiness()[0]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    conversation = task(prompt=[5, 6, 7, 8])
+    conversation.meta[PROMPT_MESSAGES] = messages
+    broken = task(prompt=[5, 6, 7, 8])
+    broken.meta[PROMPT_MESSAGES] = [{"role": "user"}]  # no content: the task is refused naming the field
+    cluster.publish(conversation, broken)
+    [group] = cluster.groups(1).values()
+    assert [t.rewards["conversational"] for t in group.trajectories] == [1.0, 1.0]
+    [dead] = wait_until("the broken task's dead letter", cluster.dead)
+    assert dead.reason.startswith("prompt: column 'meta.prompt_messages', message 0:"), dead.reason
 
 
 def test_multi_turn_episode_masks_environment_tokens(cluster: Cluster, user_module: str) -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 from bus.schema import Sampling, Task
 from envs.dataset import PromptDataset
-from envs.rows import PromptRow
-from learner_node.admission import Admission
+from envs.rows import PROMPT_MESSAGES, PromptRow
+from learner_node.admission import MESSAGES_META_CHARS, Admission
 
 
 def make(rows: int = 5, groups_per_step: int = 2, max_staleness: int = 1, epochs: int = 0) -> tuple[Admission, list]:
@@ -80,3 +80,18 @@ def test_a_finite_dataset_runs_out() -> None:
     admission, published = make(rows=3, groups_per_step=4, max_staleness=0, epochs=1)
     assert admission.pump(min_version=0) == 3
     assert admission.exhausted and len(published) == 1
+
+
+def test_a_conversational_row_sends_its_messages_with_its_token_ids() -> None:
+    # The rollout node's rewards get the conversation as TRL passes it (`prompts`), not the decoded template text.
+    conversation = [{"role": "user", "content": "3+4?"}]
+    rows = [PromptRow("c", conversation, {"ground_truth": "7"}), PromptRow("t", "3+4=", {"ground_truth": "7"})]
+    rows.append(PromptRow("long", [{"role": "user", "content": "x" * (MESSAGES_META_CHARS + 1)}], {}))
+    published: list[list[Task]] = []
+    admission = Admission(
+        PromptDataset(rows, shuffle=False, seed=0, epochs=1), lambda tasks, _: published.append(tasks),
+        lambda row: str(row.prompt), run_name="run", groups_per_step=3, max_staleness=0, n=2, sampling=Sampling(),
+    )  # fmt: skip
+    admission.pump(min_version=0)
+    [tasks] = published
+    assert [t.meta.get(PROMPT_MESSAGES) for t in tasks] == [conversation, None, None]
