@@ -35,6 +35,8 @@ from rollout_node.server_config import HOST_PATTERN, NAME_PATTERN, SGLangConfig
 from telemetry.config import TelemetryConfig
 from weight_broadcast.config import ReceiverConfig
 
+ToolParser = Literal["hermes", "none"]  # rollout_node.tool_calls
+
 
 class RolloutConfig(Section):
     """How one rollout node takes tasks, generates, publishes, announces itself and serves agents."""
@@ -162,6 +164,11 @@ class RolloutConfig(Section):
     proxy_max_n: int = Field(16, ge=1, le=1024, description="most completions one call may ask for (n)")
     proxy_retry_after_s: int = Field(
         1, ge=1, le=3600, description="Retry-After (seconds) of the 503 answered while new weights are being loaded"
+    )
+    proxy_tool_parser: ToolParser = Field(
+        "hermes",
+        description="how tool calls are read from a chat completion with `tools`: 'hermes' (<tool_call>{json}"
+        "</tool_call>, Hermes/Qwen templates) or 'none' (the text is the content)",
     )
     proxy_model_name: str = Field(
         "", max_length=256, description="model id the proxy reports in /v1/models ('' = the model folder's name)"

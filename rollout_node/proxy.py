@@ -9,12 +9,14 @@ Routes (errors as OpenAI's `{"error": {"message", "type", "param", "code"}}`):
     POST   /v1/sessions/{id}/reward   {"reward": 1.0, "rewards": {...}, "group_id": "...", "meta": {...}}
     DELETE /v1/sessions/{id}                                            drop the session (abandoned)
 
-Sessions are named by the path, so an agent points an OpenAI client at `<proxy>/v1/sessions/<id>` and needs nothing
-else. A session's calls must continue one token stream: each call's prompt must start with the previous prompt plus
-the previous response (an agent appends the assistant's reply and tool/user turns, as usual). The proxy generates
-from the session's own tokens followed by the new ones, so what the model saw is exactly what is trained on:
-tokens it generated have loss_mask 1 and their behaviour logprobs, the rest (tool results, user turns, template
-tokens between turns) loss_mask 0 and logprob 0. A prompt that does not extend the session is refused with 409.
+Generation answers JSON, or OpenAI's server-sent events with `stream: true`; chat takes `tools` and returns parsed
+`tool_calls` (`rollout.proxy_tool_parser`). Sessions are named by the path, so an agent points an OpenAI client at
+`<proxy>/v1/sessions/<id>` and needs nothing else. A session's calls must continue one token stream: each call's
+prompt must start with the previous prompt plus the previous response (an agent appends the assistant's reply and
+tool/user turns, as usual). The proxy generates from the session's own tokens followed by the new ones, so what the
+model saw is exactly what is trained on: tokens it generated have loss_mask 1 and their behaviour logprobs, the
+rest (tool results, user turns, template tokens between turns) loss_mask 0 and logprob 0. A prompt that does not
+extend the session is refused with 409.
 Returned text keeps a matched stop string (vLLM's include_stop_str_in_output), so the history stays aligned.
 
 The reward ends the session: its token stream is published as one `Trajectory` (group of one unless `group_id` is
@@ -35,13 +37,13 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Annotated, Any, Literal
 
 import structlog
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bus.schema import MessageError, Sampling, Trajectory, new_id
@@ -49,11 +51,13 @@ from rollout_node.config import NAME_PATTERN, RolloutConfig
 from rollout_node.engines.base import Engine, Sample, error_reason
 from rollout_node.server import HeadTimeoutH11
 from rollout_node.sessions import ProxyError, RewardRequest, SessionStore
+from rollout_node.tool_calls import parse_tool_calls
 from telemetry.metrics import ROLLOUT_ENGINE_ERRORS, ROLLOUT_PROXY_SESSIONS
 
 log = structlog.get_logger(__name__)
 
 Publish = Callable[[Sequence[Trajectory]], Any]
+Reply = dict[str, Any] | StreamingResponse
 START_TIMEOUT_S = 30.0  # the proxy's HTTP server must be listening within this long
 STOP_TIMEOUT_S = 10.0  # calls in flight get this long to finish when the proxy stops
 
@@ -70,6 +74,24 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
+    stream_options: dict[str, Any] | None = None  # include_usage: a last chunk with the usage
+    # Fields that would change what is sampled: accepted only at their neutral value (the engine has no such knob,
+    # and training on samples drawn otherwise than the agent asked would be wrong), refused naming them otherwise.
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def refuse_unsupported(self) -> None:
+        """400 naming the first field set to something this proxy cannot do."""
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise ProxyError(400, f"{name}: penalties are not supported (send 0 or leave it out)", name)
+        if self.logit_bias:
+            raise ProxyError(400, "logit_bias: not supported (send {} or leave it out)", "logit_bias")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            kind = self.response_format.get("type")
+            raise ProxyError(400, f"response_format: only 'text' is supported (got {kind!r})", "response_format")
 
 
 class ContentPart(BaseModel):
@@ -91,6 +113,19 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=0)  # only the sampled token's logprob is known
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[dict[str, Any]] | None = None  # rendered by the chat template; calls parsed by proxy_tool_parser
+    tool_choice: Literal["auto", "none"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools: refused, naming tools
+    function_call: str | dict[str, Any] | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise ProxyError(400, f"{name}: deprecated by OpenAI and not supported: send tools", name)
+        if isinstance(self.tool_choice, dict):
+            raise ProxyError(400, "tool_choice: a forced function is not supported ('auto' or 'none')", "tool_choice")
 
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # what a tokenizer can take at all (the engine checks the vocabulary)
@@ -183,10 +218,9 @@ class AgentProxy:
         app = FastAPI(title="Slipstream agent proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
         app.add_exception_handler(ProxyError, _error_response)  # type: ignore[arg-type]
         app.get("/v1/models")(self.models)
-        app.post("/v1/completions")(self.completions)
-        app.post("/v1/chat/completions")(self.chat_completions)
-        app.post("/v1/sessions/{session_id}/completions")(self.completions)
-        app.post("/v1/sessions/{session_id}/chat/completions")(self.chat_completions)
+        for prefix in ("/v1", "/v1/sessions/{session_id}"):  # a JSON body, or server-sent events: no response model
+            app.post(f"{prefix}/completions", response_model=None)(self.completions)
+            app.post(f"{prefix}/chat/completions", response_model=None)(self.chat_completions)
         app.post("/v1/sessions/{session_id}/reward")(self.reward)
         app.delete("/v1/sessions/{session_id}")(self.drop_session)
         return app
@@ -195,18 +229,23 @@ class AgentProxy:
         model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "slipstream"}
         return {"object": "list", "data": [model]}
 
-    async def chat_completions(self, request: Request, session_id: str | None = None) -> dict[str, Any]:
+    async def chat_completions(self, request: Request, session_id: str | None = None) -> Reply:
         body = await self._read(request, ChatRequest)
+        body.refuse_unsupported()
         if not getattr(self.tokenizer, "chat_template", None):
             raise ProxyError(400, "this model has no chat template: use /v1/completions", "messages")
-        messages = [_template_message(m, i) for i, m in enumerate(body.messages)]
+        open_session = self.sessions.open.get(session_id) if session_id is not None else None
+        generated = open_session.tool_texts if open_session is not None else {}
+        messages = [_template_message(m, i, generated) for i, m in enumerate(body.messages)]
+        tools = body.tools if body.tool_choice != "none" else None
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # the template's own checks (roles it does not know, ...)
             raise ProxyError(400, f"messages: the chat template refused them: {exc}", "messages") from exc
         prompt_ids = list(self.tokenizer.encode(text, add_special_tokens=False))  # the template wrote them
         max_tokens = body.max_completion_tokens or body.max_tokens
         prompt, samples = await self._generate(body, prompt_ids, text, max_tokens, session_id)
+        parser = self.config.proxy_tool_parser if tools else "none"
         choices = []
         for i, sample in enumerate(samples):
             logprobs = None
@@ -218,14 +257,22 @@ class AgentProxy:
                         for t, lp in zip(tokens, sample.behavior_logprobs, strict=True)
                     ]
                 }
-            message = {"role": "assistant", "content": sample.text}
-            choices.append(
-                {"index": i, "message": message, "logprobs": logprobs, "finish_reason": sample.finish_reason}
-            )
-        return self._reply("chat.completion", "chatcmpl-", choices, prompt, samples)
+            content, calls = parse_tool_calls(sample.text, parser)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+                if session_id is not None:  # the agent sends these calls back: they render as what was generated
+                    self.sessions.get(session_id, create=False).tool_texts.update(
+                        (call["id"], sample.text) for call in calls
+                    )
+            finish = "tool_calls" if calls else sample.finish_reason
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
+        reply = self._reply("chat.completion", "chatcmpl-", choices, prompt, samples)
+        return self._stream(body, reply, samples) if body.stream else reply
 
-    async def completions(self, request: Request, session_id: str | None = None) -> dict[str, Any]:
+    async def completions(self, request: Request, session_id: str | None = None) -> Reply:
         body = await self._read(request, CompletionRequest)
+        body.refuse_unsupported()
         if isinstance(body.prompt, str):
             text, prompt_ids = body.prompt, list(self.tokenizer.encode(body.prompt))
         else:
@@ -246,7 +293,8 @@ class AgentProxy:
             choices.append(
                 {"index": i, "text": sample.text, "logprobs": logprobs, "finish_reason": sample.finish_reason}
             )
-        return self._reply("text_completion", "cmpl-", choices, prompt, samples)
+        reply = self._reply("text_completion", "cmpl-", choices, prompt, samples)
+        return self._stream(body, reply, samples) if body.stream else reply
 
     async def reward(self, request: Request, session_id: str) -> dict[str, Any]:
         """End the session: publish its trajectory (once; a repeated call answers with the same id)."""
@@ -289,8 +337,6 @@ class AgentProxy:
     ) -> tuple[list[int], list[Sample]]:
         """Check the request and generate, recording into the session if there is one; returns (the prompt
         generated from, the samples)."""
-        if body.stream:
-            raise ProxyError(400, "stream: streaming is not supported", "stream")
         if body.n > self.config.proxy_max_n:
             raise ProxyError(400, f"n: must be <= {self.config.proxy_max_n} (rollout.proxy_max_n)", "n")
         if max_tokens is not None and max_tokens > self.config.proxy_max_tokens:
@@ -363,6 +409,50 @@ class AgentProxy:
             "policy_version": samples[0].policy_version,
         }
 
+    def _stream(self, body: _Request, reply: dict[str, Any], samples: list[Sample]) -> StreamingResponse:
+        """`reply` as OpenAI's server-sent events: per choice a role chunk (chat), the text token by token (with
+        each token's logprob when asked), tool calls, a finish chunk; then usage (`stream_options.include_usage`)
+        and `[DONE]`. The engine generates whole completions, so the events go out once a call's generation ends;
+        what is recorded for training is the same as without `stream`."""
+        chat = reply["object"] == "chat.completion"
+        head = {k: reply[k] for k in ("id", "created", "model")}
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+        def events() -> Iterator[str]:
+            for choice, sample in zip(reply["choices"], samples, strict=True):
+                index, finish = choice["index"], choice["finish_reason"]
+                if chat:
+                    message, logprobs = choice["message"], choice["logprobs"]
+                    role = {"role": "assistant", "content": ""}
+                    yield event([{"index": index, "delta": role, "finish_reason": None}])
+                    text = message["content"] or ""
+                    pieces = _text_deltas(self.tokenizer, sample, text) if "tool_calls" not in message else [text]
+                    per_token = logprobs is not None and len(pieces) == len(sample.response_ids)
+                    for k, piece in enumerate(pieces):
+                        if not piece and not per_token:
+                            continue
+                        delta: dict[str, Any] = {"index": index, "delta": {"content": piece}, "finish_reason": None}
+                        if per_token:
+                            delta["logprobs"] = {"content": [logprobs["content"][k]]}
+                        yield event([delta])
+                    if "tool_calls" in message:
+                        calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+                        yield event([{"index": index, "delta": {"tool_calls": calls}, "finish_reason": None}])
+                    yield event([{"index": index, "delta": {}, "finish_reason": finish}])
+                else:
+                    for piece in (p for p in _text_deltas(self.tokenizer, sample, choice["text"]) if p):
+                        yield event([{"index": index, "text": piece, "logprobs": None, "finish_reason": None}])
+                    yield event([{"index": index, "text": "", "logprobs": None, "finish_reason": finish}])
+            if include_usage:
+                yield event([], usage=reply["usage"], policy_version=reply["policy_version"])
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     async def _read(self, request: Request, model: type[BaseModel]) -> Any:
         """Authorize, then read the body (at most proxy_max_request_bytes: 413) and validate it (400 naming the
         field)."""
@@ -416,9 +506,25 @@ def _session_name(session_id: str) -> str:
     return session_id
 
 
-def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
-    """A message as the chat template takes it: text parts joined; other content types are refused."""
+def _text_deltas(tokenizer: Any, sample: Sample, text: str) -> list[str]:
+    """`text` cut where each generated token ends (prefixes decoded as the engine decodes), when those pieces make
+    `text` again (a token can end inside a character; a stop string can be cut off): else `[text]`."""
+    ids = sample.response_ids
+    prefixes = tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))], skip_special_tokens=True)
+    pieces = [b[len(a) :] if b.startswith(a) else None for a, b in zip(["", *prefixes], prefixes, strict=False)]
+    if any(p is None for p in pieces) or "".join(pieces) != text:  # type: ignore[arg-type]
+        return [text]
+    return pieces  # type: ignore[return-value]
+
+
+def _template_message(message: ChatMessage, index: int, generated: dict[str, str]) -> dict[str, Any]:
+    """A message as the chat template takes it: text parts joined; other content types are refused. An assistant
+    message whose tool calls this session generated renders as the text the model wrote (`generated`, by call id),
+    not as the template would write those calls: so the session stays one token stream."""
     out = message.model_dump(exclude_none=True)
+    call_ids = [c.get("id") for c in out.get("tool_calls") or [] if isinstance(c, dict)]
+    if message.role == "assistant" and call_ids and all(i in generated for i in call_ids):
+        return {"role": "assistant", "content": generated[call_ids[0]]}
     if isinstance(message.content, list):
         if any(part.type != "text" or part.text is None for part in message.content):
             raise ProxyError(400, f"messages[{index}].content: only text parts are supported", "messages")

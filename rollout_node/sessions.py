@@ -58,6 +58,7 @@ class Session:
     versions: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     busy: bool = False
+    tool_texts: dict[str, str] = field(default_factory=dict)  # tool call id -> the generated text that made it
 
     @property
     def tokens(self) -> list[int]:

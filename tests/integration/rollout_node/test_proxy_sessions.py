@@ -24,7 +24,7 @@ from bus.schema import Join, Trajectory
 from bus.settings import load_settings
 from bus.transport import Transport, setup_transport
 from rollout_node.config import RolloutConfig, RolloutSettings
-from rollout_node.engines.base import TorchEngineConfig
+from rollout_node.engines.base import Sample, TorchEngineConfig
 from rollout_node.engines.torch_engine import TorchEngine
 from rollout_node.node import RolloutNode
 from rollout_node.proxy import AgentProxy
@@ -181,7 +181,6 @@ def test_malformed_requests_get_a_4xx_naming_the_problem(start_proxy: Callable[.
         (chat, {"json": {"messages": user, "temperature": -1}}, 400, "temperature"),
         (chat, {"json": {"messages": user, "n": 2}}, 400, "n: must be 1 inside a session"),
         (chat, {"json": {"messages": user, "max_tokens": 65}}, 400, "max_tokens"),
-        (chat, {"json": {"messages": user, "stream": True}}, 400, "stream"),
         (chat, {"json": {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}}, 400, "text parts"),
         (chat, {"json": {"messages": [{"role": "user", "content": "x" * 5000}]}}, 413, "request body"),
         (f"{proxy.url}/v1/completions", {"json": {"prompt": [40] * 600, "max_tokens": 4}}, 400, "context"),
@@ -293,3 +292,79 @@ def test_weight_update_is_answered_with_503_then_serves_the_new_version(
         node.shutdown()
         learner.stdin.close()
         learner.wait(timeout=WAIT_S)
+
+
+def test_a_streamed_session_records_what_it_streamed(
+    start_proxy: Callable[..., AgentProxy], bus: Transport, engine: TorchEngine
+) -> None:
+    proxy = start_proxy()
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1/sessions/streamer", api_key=TOKEN, max_retries=0)
+    messages = [{"role": "user", "content": "2+3="}]
+    stream = client.chat.completions.create(
+        model="demo", messages=messages, max_tokens=6, logprobs=True, seed=3, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    assert deltas[0].delta.role == "assistant" and deltas[-1].finish_reason in ("stop", "length")
+    text = "".join(d.delta.content or "" for d in deltas)
+    streamed_logprobs = [t.logprob for d in deltas if d.logprobs for t in d.logprobs.content]
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == len(streamed_logprobs)
+    httpx.post(f"{proxy.url}/v1/sessions/streamer/reward", json={"reward": 0.5}, headers=AUTH).raise_for_status()
+    [traj] = published(bus)
+    assert traj.behavior_logprobs.tolist() == pytest.approx(streamed_logprobs, abs=1e-6)
+    assert engine.tokenizer.decode(traj.response_ids.tolist(), skip_special_tokens=True) == text
+    # Plain completions stream too; the joined text is the text of the call without `stream`.
+    plain = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=TOKEN, max_retries=0)
+    kwargs: dict[str, Any] = {"model": "demo", "prompt": "1+1=", "max_tokens": 5, "seed": 7, "temperature": 0}
+    whole = plain.completions.create(**kwargs).choices[0].text
+    assert "".join(c.choices[0].text for c in plain.completions.create(**kwargs, stream=True)) == whole
+
+
+def test_tool_calls_come_back_parsed_and_the_next_turn_continues_the_session(
+    start_proxy: Callable[..., AgentProxy], bus: Transport, engine: TorchEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The demo model never writes a tool call: the engine's first answer is replaced by one (a real tokenizer's
+    # ids), the second is the real engine's. The proxy must parse it, and render it back as the text it was.
+    tokenizer, real_generate = engine.tokenizer, engine.generate
+    call_text = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    ids = [*tokenizer.encode(call_text, add_special_tokens=False), tokenizer.eos_token_id]
+    scripted = Sample(ids, [-0.5] * len(ids), [-0.5] * len(ids), "stop", [(0, len(ids), 0)], 0, call_text)
+    answers = iter([[[scripted]]])
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: next(answers, None) or real_generate(*a, **k))
+    proxy = start_proxy()
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1/sessions/tools", api_key=TOKEN, max_retries=0)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "2+3?"}]
+    first = client.chat.completions.create(model="demo", messages=messages, tools=tools, max_tokens=80)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("add", {"a": 2, "b": 3})
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "5"},
+    ]
+    client.chat.completions.create(model="demo", messages=messages, tools=tools, max_tokens=4, seed=1)
+    httpx.post(f"{proxy.url}/v1/sessions/tools/reward", json={"reward": 1.0}, headers=AUTH).raise_for_status()
+    [traj] = published(bus)
+    response = traj.response_ids.tolist()
+    assert response[: len(ids)] == ids and traj.loss_mask.tolist()[: len(ids)] == [1] * len(ids)
+    assert "5" in tokenizer.decode(response[len(ids) :])  # the tool's result, then the second generation
+
+
+def test_fields_that_would_change_sampling_are_refused_by_name(start_proxy: Callable[..., AgentProxy]) -> None:
+    proxy = start_proxy()
+    chat = f"{proxy.url}/v1/chat/completions"
+    user = [{"role": "user", "content": "2+2="}]
+    for field, value in [
+        ("response_format", {"type": "json_object"}), ("logit_bias", {"5": 10}), ("presence_penalty", 0.5),
+        ("frequency_penalty", 1.0), ("functions", [{"name": "f"}]), ("tool_choice", {"type": "function"}),
+        ("tool_choice", "required"),
+    ]:  # fmt: skip
+        answer = httpx.post(chat, headers=AUTH, json={"messages": user, "max_tokens": 2, field: value})
+        assert answer.status_code == 400, (field, answer.text)
+        assert answer.json()["error"]["message"].startswith(field), (field, answer.text)
+    neutral = {"response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0, "tool_choice": "none"}
+    assert httpx.post(chat, headers=AUTH, json={"messages": user, "max_tokens": 2, **neutral}).status_code == 200
