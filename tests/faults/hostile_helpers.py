@@ -111,6 +111,14 @@ class Fuzzer:
         trajectories = [self.member(group_id, version, i) for i in ids]
         return Group(id=group_id, producer=self.producer, trajectories=trajectories)
 
+    def scored(self, rewards: Iterable[float], version: int = 0) -> Group:
+        """A valid group of policy `version` whose members scored `rewards`, in order."""
+        rewards = list(rewards)
+        group = self.group(len(rewards), version=version)
+        for member, reward in zip(group.trajectories, rewards, strict=True):
+            member.reward = reward
+        return group
+
     def encoded(self, members: int = 2) -> bytes:
         """The wire bytes of one valid group of `members` (made once per size: broken copies need no fresh ids)."""
         if members not in self._encoded:

@@ -82,11 +82,8 @@ def test_rewards_beyond_the_bound_are_dead_lettered_and_rewards_at_it_train_fini
     # (1e308, -1e308, 0, 0) made the advantages NaN and every later step NaN before rewards were bounded on the wire.
     cluster = make_cluster({"learner": {"max_steps": 2, "checkpoint_every": 0}})
     fuzzer = Fuzzer()
-    huge, at_bound = fuzzer.group(4), fuzzer.group(4)
-    for member, reward in zip(huge.trajectories, (1e308, -1e308, 0.0, 0.0), strict=True):
-        member.reward = reward
-    for member, reward in zip(at_bound.trajectories, (MAX_ABS_REWARD, -MAX_ABS_REWARD, 0.0, 0.0), strict=True):
-        member.reward = reward
+    huge = fuzzer.scored((1e308, -1e308, 0.0, 0.0))
+    at_bound = fuzzer.scored((MAX_ABS_REWARD, -MAX_ABS_REWARD, 0.0, 0.0))
     learner = start_learner(cluster, [encode(huge, validate=False), encode(at_bound)], groups=3)
     assert learner.finish() == 0, learner.tail()
     [record] = DeadReader(cluster.client, cluster.bus.dead).read().values()
@@ -174,12 +171,8 @@ def test_a_step_whose_gradient_is_not_finite_is_never_applied_and_its_batch_is_d
     save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
     before = {n: t.clone() for n, t in weights.items()}
     cluster = make_cluster({"learner": {"max_steps": 2, "checkpoint_every": 1, "data_timeout_s": 8.0}})
-    fuzzer, groups = Fuzzer(), []
-    for _ in range(4):
-        group = fuzzer.group(2)
-        for member, reward in zip(group.trajectories, (0.0, 1.0), strict=True):
-            member.reward = reward  # advantages that are not 0: the step computes the (NaN) gradient
-        groups.append(encode(group))
+    fuzzer = Fuzzer()
+    groups = [encode(fuzzer.scored((0.0, 1.0))) for _ in range(4)]  # advantages not 0: the (NaN) gradient is made
     learner = start_learner(cluster, groups, 0, "--model.path", str(poisoned))
     assert learner.finish() == 1, learner.tail()  # no step possible: every batch refused, then no data
     reasons = [r.reason for r in DeadReader(cluster.client, cluster.bus.dead).read().values()]

@@ -1,6 +1,10 @@
-"""A real Hugging Face tokenizer built in code: one token per character, role markers as special tokens."""
+"""A real Hugging Face tokenizer built in code (one token per character, role markers as special tokens), and user
+code importable by path for the reward tests."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -32,3 +36,16 @@ def chat_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def plain_tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer(None)
+
+
+@pytest.fixture
+def importable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str], str]:
+    """`importable(stem, source)` writes `source` as a module on sys.path for this test; returns its (unique) name."""
+
+    def write(stem: str, source: str) -> str:
+        name = f"{stem}_{abs(hash(tmp_path))}"
+        (tmp_path / f"{name}.py").write_text(source, encoding="utf-8")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        return name
+
+    return write

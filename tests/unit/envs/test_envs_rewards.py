@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import tomllib
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -202,11 +202,8 @@ not_a_function = 3
 
 
 @pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    name = f"user_rewards_{abs(hash(tmp_path))}"
-    (tmp_path / f"{name}.py").write_text(USER_MODULE, encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return name
+def user_module(importable: Callable[[str, str], str]) -> str:
+    return importable("user_rewards", USER_MODULE)
 
 
 def test_user_function_by_import_path_from_toml(user_module: str) -> None:

@@ -3,7 +3,7 @@ on standard and on conversational prompts, through `RewardSet.score` as the roll
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -34,11 +34,8 @@ def last_user_turn(prompts, completions, **kwargs):
 
 
 @pytest.fixture
-def trl_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    name = f"trl_examples_{abs(hash(tmp_path))}"
-    (tmp_path / f"{name}.py").write_text(TRL_EXAMPLES, encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return name
+def trl_module(importable: Callable[[str, str], str]) -> str:
+    return importable("trl_examples", TRL_EXAMPLES)
 
 
 def test_standard_prompts_pass_completions_as_text(trl_module: str) -> None:
