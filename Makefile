@@ -15,10 +15,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# promtool (Debian's prometheus package) and docker-compose validate deploy/ offline; the tests need them.
+# promtool (Debian's prometheus package) and docker-compose validate deploy/ offline; the tests need them. The wheel
+# of the SGLang pinned by the `gpu` extra (not installed: it needs CUDA) holds the request and response schemas
+# that tests/integration/rollout_node/test_sglang_contract.py holds the client and serve-engine to.
 $(TOOLS): $(STAMP)
 	command -v promtool >/dev/null && command -v docker-compose >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq prometheus docker-compose >/dev/null)
+	rm -rf $(VENV)/sglang-wheel
+	$(BIN)/python -m pip download -q --no-deps --dest $(VENV)/sglang-wheel "$$($(BIN)/python -c \
+		"import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['gpu'][0])")"
 	touch $(TOOLS)
 
 demo: $(STAMP)

@@ -21,6 +21,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # a setting that names an environment variable
+API_KEY_ENV = "SLIPSTREAM_ENGINE_API_KEY"  # the engines' key, on the rollout nodes and the learner alike
 
 _toml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("_toml_data", default=None)
 
@@ -53,6 +54,28 @@ def read_secret(file: str | None, env: str | None, field: str, what: str = "secr
     if not secret:
         raise ConfigError(f"{field}: {file} is empty (the {what} is its first line)")
     return secret
+
+
+class ApiKeySource(Section):
+    """Where a bearer API key comes from: a file (first) or an environment variable; neither set means no key."""
+
+    api_key_file: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="file whose first line is the API key (surrounding whitespace ignored)",
+    )
+    api_key_env: str | None = Field(
+        API_KEY_ENV,
+        pattern=ENV_NAME_PATTERN,
+        max_length=128,
+        description="environment variable holding the API key, read when api_key_file is unset; unset or empty "
+        "variable: no key",
+    )
+
+    def api_key(self) -> str | None:
+        """The key, or None when none is configured. Raises ConfigError for a missing or empty key file."""
+        return read_secret(self.api_key_file, self.api_key_env, "api_key_file", "key")
 
 
 class _TomlSource(PydanticBaseSettingsSource):

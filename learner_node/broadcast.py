@@ -62,7 +62,9 @@ class Broadcaster:
         self._version = 0
         self.sender: WeightSender | None = None
         self._thread: threading.Thread | None = None
+        self._engine_api_key: str | None = None
         if runtime.rank == 0:
+            self._engine_api_key = config.api_key()  # read at start: a missing key file fails here, not per engine
             self.sender = WeightSender(config, announce=self._announce).start()
             self._thread = threading.Thread(target=self._serve, name="learner-broadcast", daemon=True)
             self._thread.start()
@@ -149,7 +151,8 @@ class Broadcaster:
                 self._sglang.pop(node_id, None)
             elif event.meta.get("engine") == "sglang" and event.address and self._sglang.get(node_id) != event.address:
                 self._sglang[node_id] = event.address
-                self.sender.add_engine(HttpLink(node_id, event.address, n_ranks=int(event.meta.get("n_ranks", 1))))
+                n_ranks = int(event.meta.get("n_ranks", 1))
+                self.sender.add_engine(HttpLink(node_id, event.address, n_ranks, api_key=self._engine_api_key))
                 log.info("sglang engine added to the weight broadcast", engine=node_id, url=event.address)
 
     def _announce(self, weights: Weights) -> None:

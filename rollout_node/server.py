@@ -184,7 +184,7 @@ def build_app(
     *,
     api_key: str | None = None,
     receiver: HttpReceiver | None = None,
-    model_path: str | None = None,
+    model_path: str = "",
     tokenizer: Any = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     body_timeout_s: float = 30.0,
@@ -193,6 +193,7 @@ def build_app(
     """The FastAPI app serving `engine` on SGLang's routes (see the module docstring).
 
     receiver: mounts the weight-update routes (None: the engine gets its weights another way; those routes 404).
+    model_path: what /model_info and /server_info report (a string, as SGLang's always is).
     tokenizer: decodes `return_text_in_logprobs` pieces and trims a matched stop token from `text` as SGLang does
     (None: pieces are null and the text keeps a stop token that is not a special token).
     """

@@ -22,35 +22,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from bus.settings import ENV_NAME_PATTERN, NodeSettings, Section, read_secret
+from bus.settings import ApiKeySource, NodeSettings
 from rollout_node.engines.base import TorchEngineConfig
 from telemetry.config import TelemetryConfig
 
-API_KEY_ENV = "SLIPSTREAM_ENGINE_API_KEY"
 NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"  # node ids, session ids: they appear in stream entries, logs and URLs
 HOST_PATTERN = r"^[A-Za-z0-9.:\-]+$"  # a host name or an IPv4/IPv6 address to bind
-
-
-class ApiKeySource(Section):
-    """Where a bearer API key comes from: a file (first) or an environment variable; neither set means no key."""
-
-    api_key_file: str | None = Field(
-        None,
-        min_length=1,
-        max_length=4096,
-        description="file whose first line is the API key (surrounding whitespace ignored)",
-    )
-    api_key_env: str | None = Field(
-        API_KEY_ENV,
-        pattern=ENV_NAME_PATTERN,
-        max_length=128,
-        description="environment variable holding the API key, read when api_key_file is unset; unset or empty "
-        "variable: no key",
-    )
-
-    def api_key(self) -> str | None:
-        """The key, or None when none is configured. Raises ConfigError for a missing or empty key file."""
-        return read_secret(self.api_key_file, self.api_key_env, "api_key_file", "key")
 
 
 class SGLangConfig(ApiKeySource):

@@ -7,6 +7,7 @@ Torch-free and import-light, so a node's settings (and `--help`) never pull torc
     master_port = 29600
     backend = "gloo"            # nccl for SGLang on GPUs
     checksum = "sum64"
+    api_key_file = "/run/secrets/engine-api-key"   # for SGLang engines started with an API key
 
     [weights]                   # rollout node: receives updates into its torch engine
     master_addr = "learner-0"
@@ -19,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from bus.settings import Section
+from bus.settings import ApiKeySource, Section
 
 Checksum = Literal["sum64", "crc32", "none"]
 # Default bucket sizes (MiB), measured with `slipstream bench broadcast` on CPU; NCCL/SGLang prefer few big calls.
@@ -49,8 +50,9 @@ class RendezvousConfig(Section):
     )
 
 
-class BroadcastConfig(RendezvousConfig):
-    """The sending side (learner rank 0)."""
+class BroadcastConfig(RendezvousConfig, ApiKeySource):
+    """The sending side (learner rank 0). The API key is the one sent to SGLang engines (HttpLink): the servers'
+    `--api-key`, or their `--admin-api-key` when they have one (the weight and pause routes need it)."""
 
     backend: Literal["gloo", "nccl"] = Field(
         "gloo", description="torch.distributed backend of the broadcast group: gloo (CPU engines) or nccl (GPU/SGLang)"

@@ -6,14 +6,19 @@
 Routes (request bodies as SGLang's; replies {"success": bool, "message": str}, 400 on failure):
 
 - POST /init_weights_update_group   {master_address, master_port, rank_offset, world_size, group_name, backend}
+- POST /begin_weight_update   {selector}: opens the update session (refused while one is open), as SGLang >= 0.5.22
 - POST /update_weights_from_distributed   {names, dtypes, shapes, group_name, weight_version, flush_cache,
-  load_format="flattened_bucket"}: receives one bucket (the tensors' bytes back to back, as uint8)
+  load_format="flattened_bucket"}: receives one bucket (the tensors' bytes back to back, as uint8); refused outside
+  a session
+- POST /end_weight_update   {}: closes the session (refused when none is open)
 - POST /destroy_weights_update_group   {group_name}
 
-SGLang loads each bucket as it arrives; here the buckets of an update are staged and loaded in one `load` call
-when the bucket with flush_cache=true arrives (`HttpLink` sets it on the last bucket only), so an update that breaks
-off midway loads nothing. There is no checksum on this path (SGLang's requests carry none): sizes are checked by the
-collective itself. Generation control (/pause_generation, /continue_generation, /health) is the engine server's.
+SGLang loads each bucket as it arrives; here the buckets of a session are staged and loaded in one `load` call when
+the bucket with flush_cache=true arrives (`HttpLink` sets it on the last bucket only) or the session ends, so an
+update that breaks off midway loads nothing. The version loaded is the session's last `weight_version` (`HttpLink`
+sends it with the last bucket, so SGLang never labels half-loaded weights as the new version), else the current one
+plus 1. There is no checksum on this path (SGLang's requests carry none): sizes are checked by the collective itself.
+Generation control (/pause_generation, /continue_generation, /health) is the engine server's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
+from typing import Literal
 
 import structlog
 import torch
@@ -64,6 +70,14 @@ class DestroyGroupRequest(_Request):
     group_name: str
 
 
+class BeginUpdateRequest(_Request):
+    selector: Literal["target", "draft", "all"] = "all"  # SGLang's runners; this engine has the target only
+
+
+class EndUpdateRequest(_Request):
+    pass
+
+
 class HttpReceiver:
     """One engine rank receiving buckets on SGLang's terms (see the module docstring). Thread-safe."""
 
@@ -77,12 +91,14 @@ class HttpReceiver:
         self._store: dist.TCPStore | None = None
         self._pg: dist.ProcessGroup | None = None
         self._staged: list[tuple[str, torch.Tensor]] = []
-        self._staged_version: int | None = None
+        self._session_open = False
+        self._session_version: int | None = None  # the session's last weight_version
 
     def init_group(self, request: InitGroupRequest) -> None:
         """Join `request.group_name` at `request.rank_offset` (blocks until every rank joined, or the timeout)."""
         with self._lock:
             self._close()
+            self._staged = []  # buckets of a sender that is gone: a new group starts every update afresh
             self._store = connect_store(request.master_address, request.master_port, self.timeout_s)
             self._pg = open_group(
                 self._store,
@@ -94,35 +110,59 @@ class HttpReceiver:
             )
             self.group = request.group_name
 
+    def begin(self) -> None:
+        """Open an update session (SGLang's /begin_weight_update): buckets are accepted until `end`."""
+        with self._lock:
+            if self._session_open:
+                raise ValueError("a weight-update session is already open; call end_weight_update() first")
+            self._session_open, self._session_version, self._staged = True, None, []
+
     def update_bucket(self, request: UpdateBucketRequest) -> None:
-        """Receive one bucket; on the update's last one (flush_cache) load everything staged as one version."""
+        """Receive one bucket; on the session's last one (flush_cache) load everything staged as one version."""
         if request.load_format != "flattened_bucket":
             raise ValueError(f"load_format: only 'flattened_bucket' is served, got {request.load_format!r}")
         if not len(request.names) == len(request.dtypes) == len(request.shapes):
             raise ValueError("names/dtypes/shapes: must have the same length")
         if len(set(request.dtypes)) != 1:
             raise ValueError(f"dtypes: a bucket holds one dtype, got {sorted(set(request.dtypes))}")
-        version = int(request.weight_version) if request.weight_version is not None else (self.version or 0) + 1
+        version = int(request.weight_version) if request.weight_version is not None else None
         with self._lock:
+            if not self._session_open:
+                raise ValueError(
+                    "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
+                )
             if self._pg is None or request.group_name != self.group:
                 raise ValueError(f"group_name: {request.group_name!r} is not this engine's group {self.group!r}")
             specs = [TensorSpec(*spec) for spec in zip(request.names, request.dtypes, request.shapes, strict=True)]
             # One dtype: one bucket. Fresh buffers per update, so `load` may keep (alias) what it is handed.
             bucket = FlatBuckets(Layout.plan(specs, bucket_bytes=sys.maxsize), self.device)
-            if self._staged_version != version:  # a new update: whatever an interrupted one staged is dropped
-                self._staged, self._staged_version = [], version
             try:
                 dist.broadcast(bucket.wire(0), src=0, group=self._pg)
             except Exception:
-                self._staged, self._staged_version = [], None
+                self._staged = []  # what this session staged is incomplete: nothing of it is loaded
                 self._close()
                 raise
             self._staged.extend(bucket.named())
+            if version is not None:
+                self._session_version = version
             if request.flush_cache:
-                staged, self._staged, self._staged_version = self._staged, [], None
-                self.load(staged, version)
-                self.version = version
-                log.info("weights loaded", version=version, tensors=len(staged), group=self.group)
+                self._load_staged()
+
+    def end(self) -> None:
+        """Close the session (SGLang's /end_weight_update), loading what was staged without a flush_cache bucket."""
+        with self._lock:
+            if not self._session_open:
+                raise ValueError("no weight-update session is open; call begin_weight_update() first")
+            if self._staged:
+                self._load_staged()
+            self._session_open = False
+
+    def _load_staged(self) -> None:
+        staged, self._staged = self._staged, []
+        version = self._session_version if self._session_version is not None else (self.version or 0) + 1
+        self.load(staged, version)
+        self.version = version
+        log.info("weights loaded", version=version, tensors=len(staged), group=self.group)
 
     def destroy_group(self, request: DestroyGroupRequest) -> None:
         with self._lock:
@@ -151,9 +191,17 @@ def weight_routes(receiver: HttpReceiver) -> APIRouter:
     def init_weights_update_group(request: InitGroupRequest) -> JSONResponse:
         return answer("init_weights_update_group", lambda: receiver.init_group(request))
 
+    @router.post("/begin_weight_update")
+    def begin_weight_update(request: BeginUpdateRequest | None = None) -> JSONResponse:
+        return answer("begin_weight_update", receiver.begin)
+
     @router.post("/update_weights_from_distributed")
     def update_weights_from_distributed(request: UpdateBucketRequest) -> JSONResponse:
         return answer("update_weights_from_distributed", lambda: receiver.update_bucket(request))
+
+    @router.post("/end_weight_update")
+    def end_weight_update(request: EndUpdateRequest | None = None) -> JSONResponse:
+        return answer("end_weight_update", receiver.end)
 
     @router.post("/destroy_weights_update_group")
     def destroy_weights_update_group(request: DestroyGroupRequest) -> JSONResponse:

@@ -12,9 +12,10 @@ Two links exist:
 
 - `StoreLink`: our `WeightReceiver`, which triggers itself from the announcements on the rendezvous store and answers
   on the store (ready key, ack key). Nothing is sent to it.
-- `HttpLink`: an engine with SGLang's HTTP routes (SGLang itself, or `serve-engine`): `/init_weights_update_group`,
-  then per update `/pause_generation`, one `/update_weights_from_distributed` per bucket
-  (`load_format="flattened_bucket"`, the bucket's names/dtypes/shapes), `/continue_generation`.
+- `HttpLink`: an engine with SGLang's HTTP routes (SGLang >= 0.5.22, or `serve-engine`): `/init_weights_update_group`,
+  then per update `/pause_generation`, `/begin_weight_update`, one `/update_weights_from_distributed` per bucket
+  (`load_format="flattened_bucket"`, the bucket's names/dtypes/shapes; the version and `flush_cache` with the last
+  one), `/end_weight_update`, `/continue_generation`. SGLang refuses updates outside that session.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ log = structlog.get_logger(__name__)
 
 
 class LinkError(RuntimeError):
-    """An engine did not join or did not load an update; the message says which and why."""
+    """An engine did not join or did not load an update; the message says which and why, `status` the HTTP status
+    when the engine answered with an error."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class EngineLink(Protocol):
@@ -137,31 +143,56 @@ class HttpLink:
 
     def receive(self, weights: Weights, deadline: float) -> None:
         self._post("pause_generation", {"mode": self.pause_mode}, deadline)
+        began = False
         try:
+            self._begin(deadline)
+            began = True
             self._send_buckets(weights, deadline)
+            self._post("end_weight_update", {}, deadline)
         except LinkError:
-            with contextlib.suppress(LinkError):  # resume generation if the engine still answers; report the cause
+            with contextlib.suppress(LinkError):  # close the session and resume if the engine still answers
+                if began:
+                    self._post("end_weight_update", {}, deadline)
                 self._post("continue_generation", {}, deadline)
             raise
         self._post("continue_generation", {}, deadline)
 
+    def _begin(self, deadline: float) -> None:
+        """Open SGLang's weight-update session. One left open by a sender that died mid-update is closed first: the
+        new group's update replaces whatever that one loaded."""
+        try:
+            self._post("begin_weight_update", {"selector": "all"}, deadline)
+        except LinkError as exc:
+            if exc.status == 404:
+                raise LinkError(
+                    f"engine {self.name}: no /begin_weight_update: weight updates need SGLang >= 0.5.22 "
+                    "(pip install 'sglang>=0.5.22,<0.6')",
+                    status=404,
+                ) from exc
+            if "already open" not in str(exc):
+                raise
+            log.warning("engine had a weight-update session open; closing it", engine=self.name)
+            self._post("end_weight_update", {}, deadline)
+            self._post("begin_weight_update", {"selector": "all"}, deadline)
+
     def _send_buckets(self, weights: Weights, deadline: float) -> None:
-        """One /update_weights_from_distributed per bucket, in send order (each returns once that bucket loaded)."""
+        """One /update_weights_from_distributed per bucket, in send order (each returns once that bucket loaded).
+        The version and the cache flush go with the last bucket: SGLang relabels its weights with every
+        `weight_version` it is sent, and weights half loaded are not the new version."""
         for b, bucket in enumerate(weights.buckets):
             specs = [weights.tensors[i] for i in bucket]
-            self._post(
-                "update_weights_from_distributed",
-                {
-                    "names": [s.name for s in specs],
-                    "dtypes": [s.dtype for s in specs],
-                    "shapes": [list(s.shape) for s in specs],
-                    "group_name": weights.group,
-                    "flush_cache": b == len(weights.buckets) - 1,  # once, after the last bucket
-                    "weight_version": str(weights.version),
-                    "load_format": "flattened_bucket",
-                },
-                deadline,
-            )
+            last = b == len(weights.buckets) - 1
+            body: dict[str, Any] = {
+                "names": [s.name for s in specs],
+                "dtypes": [s.dtype for s in specs],
+                "shapes": [list(s.shape) for s in specs],
+                "group_name": weights.group,
+                "flush_cache": last,
+                "load_format": "flattened_bucket",
+            }
+            if last:
+                body["weight_version"] = str(weights.version)
+            self._post("update_weights_from_distributed", body, deadline)
 
     def leave(self, group: str, deadline: float) -> None:
         """Ask the engine to drop `group` (best effort: a dead engine has nothing to drop)."""
@@ -178,7 +209,10 @@ class HttpLink:
         reply = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
         if not response.is_success or (isinstance(reply, dict) and reply.get("success") is False):
             message = reply.get("message") if isinstance(reply, dict) else None
-            raise LinkError(f"engine {self.name}: POST /{route} -> {response.status_code}: {message or response.text}")
+            raise LinkError(
+                f"engine {self.name}: POST /{route} -> {response.status_code}: {message or response.text}",
+                status=response.status_code,
+            )
 
 
 def _remaining(deadline: float) -> float:

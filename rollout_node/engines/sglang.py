@@ -27,9 +27,15 @@ T = 0.5 token of the same prompt are twice as spread under temperature_scaled. A
 that its logprobs are already those of the sampled distribution, and adds per-token weight versions and the raw
 model logprobs to each output. Model logprobs SGLang cannot give (temperature_scaled at T != 1) are NaN.
 
-Versions: SGLang reports the weight version when a request finishes, not per token. When it differs from the version
-read before the request, weights changed mid-generation at an unknown token: the sample then counts all its tokens
-from the older version (`policy_version`), which can only over-state staleness.
+Versions: SGLang >= 0.5.22 reports which weight version produced which tokens (`meta_info.weight_versions`, spans
+of {version, start, end}); they become the sample's `version_ranges` and its `policy_version` is the oldest. Without
+spans, only the version when the request finished is known. When it differs from the version read before the
+request, weights changed mid-generation at an unknown token: the sample then counts all its tokens from the older
+version, which can only over-state staleness.
+
+Tensor parallelism: each of a server's `tp_size` workers joins the weight group (at `rank_offset + tp_rank`), so the
+engine takes `n_ranks = tp_size` ranks there. Servers with `dp_size` or `pp_size` > 1 are refused: their workers
+would join at the same ranks; run one server per data-parallel replica instead.
 
 Weights reach SGLang from the learner over NCCL (`weight_broadcast.links.HttpLink(name, engine.url)` drives
 /init_weights_update_group and /update_weights_from_distributed), never through this client: `update_weights` raises.
@@ -41,6 +47,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -105,11 +112,14 @@ class SGLangEngine(Engine):
             _, info = self._route("/server_info", "/get_server_info")
             self._model_info_route, _ = self._route("/model_info", "/get_model_info")
             self.deterministic = bool(info.get("enable_deterministic_inference"))
+            self.n_ranks = _weight_ranks(info)
             self.logprob_semantics = self._logprob_semantics(info)
         except BaseException:
             self._release()
             raise
         log.info("sglang engine ready", url=self.url, logprobs=self.logprob_semantics, version=self.version)
+
+    n_ranks: int = 1  # ranks this server takes in the weight group: its tp_size (/server_info)
 
     @classmethod
     def from_config(cls, config: SGLangConfig) -> SGLangEngine:
@@ -143,11 +153,6 @@ class SGLangEngine(Engine):
         check_request(prompts, sampling, n)
         sampled = sampling.temperature >= GREEDY_TEMPERATURE
         top_logprobs = self._top_logprobs_needed(sampling) if sampled else 0
-        if sampling.seed is not None and n > 1 and self.deterministic:
-            raise ValueError(
-                "sampling.seed: SGLang in deterministic mode gives every sample of a prompt the same seed, so the "
-                f"n={n} samples would be identical; leave the seed unset"
-            )
         start_version = self.version if self.logprob_semantics != "sampled" else 0
         params: dict[str, Any] = {
             "max_new_tokens": sampling.max_new_tokens,
@@ -170,6 +175,12 @@ class SGLangEngine(Engine):
         }
         if top_logprobs:
             body["top_logprobs_num"] = top_logprobs
+        if self.deterministic and sampled and n > 1:
+            # Deterministic mode seeds every request without sampling_seed with 42, n copies included: the n samples
+            # of a prompt would be identical. One request per sample, each with its own seed, in the same order.
+            base = sampling.seed if sampling.seed is not None else secrets.randbelow(2**31)
+            body["input_ids"] = [ids for ids in body["input_ids"] for _ in range(n)]
+            body["sampling_params"] = [params | {"n": 1, "sampling_seed": base + j} for _ in prompts for j in range(n)]
         outputs = self._call("POST", "/generate", body, timeout=self.config.generate_timeout_s)
         if not isinstance(outputs, list) or len(outputs) != len(prompts) * n:
             got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
@@ -312,8 +323,7 @@ class SGLangEngine(Engine):
                 policy_version = int(extension["policy_version"])
             else:
                 behavior, model = self._sglang_logprobs(values, ids, meta.get("output_top_logprobs"), sampling)
-                policy_version = min(start_version, _parse_version(meta.get("weight_version"), "/generate"))
-                ranges = [(0, len(ids), policy_version)] if ids else []
+                ranges, policy_version = _versions(meta, len(ids), start_version)
             text = str(output["text"])
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise self._protocol_error("/generate", f"unreadable output: {exc!r}") from exc
@@ -528,3 +538,33 @@ def _stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 30.0)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(grace_s)
+
+
+def _weight_ranks(info: dict[str, Any]) -> int:
+    """The ranks a server's workers take in the weight group (its `tp_size`); ValueError naming the server argument
+    for layouts whose workers would collide there."""
+    for arg in ("dp_size", "pp_size"):
+        if int(info.get(arg) or 1) > 1:
+            raise ValueError(
+                f"{arg}: {info[arg]} on this SGLang server; the weight broadcast joins the tp_size workers of one "
+                "replica (rank_offset + tp_rank), so run one server per replica with dp_size = pp_size = 1"
+            )
+    return int(info.get("tp_size") or 1)
+
+
+def _versions(meta: dict[str, Any], length: int, start_version: int) -> tuple[list[VersionRange], int]:
+    """(version_ranges, policy_version) of one output of `length` tokens: SGLang's per-token spans when present,
+    else every token at the older of the versions before and after the request."""
+    spans = meta.get("weight_versions")
+    if spans:
+        ranges = [
+            (int(span["start"]), int(span["end"]), _parse_version(span["version"], "/generate"))
+            for span in spans
+            if int(span["end"]) > int(span["start"])
+        ]
+        bounds = [0] + [b for start, end, _ in ranges for b in (start, end)] + [length]
+        if any(bounds[i] != bounds[i + 1] for i in range(0, len(bounds), 2)):  # each span starts where one ended
+            raise ValueError(f"meta_info.weight_versions: spans {spans} do not cover the {length} tokens in order")
+        return ranges, min((v for _, _, v in ranges), default=_parse_version(spans[-1]["version"], "/generate"))
+    policy_version = min(start_version, _parse_version(meta.get("weight_version"), "/generate"))
+    return ([(0, length, policy_version)] if length else []), policy_version

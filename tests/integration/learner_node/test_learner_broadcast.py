@@ -71,7 +71,10 @@ def test_versions_reach_a_receiver_and_the_control_stream(tmp_path: Path, redis_
     transport.close()
 
 
-def test_an_sglang_join_on_the_control_stream_adds_an_http_link(redis_server: Any, monkeypatch: Any) -> None:
+def test_an_sglang_join_on_the_control_stream_adds_an_http_link_with_the_engines_key(
+    redis_server: Any, monkeypatch: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "engine-key").write_text("sk-engines\n")
     config = BusConfig(url=redis_server.url)
     transport = setup_transport(config)
     stream = config.stream("control")
@@ -85,8 +88,8 @@ def test_an_sglang_join_on_the_control_stream_adds_an_http_link(redis_server: An
     for event in [*engines.values(), Leave("gone", "rollout")]:
         transport.publish(stream, [encode(event)], retain=config.control_retain)
     runtime = init_distributed(LearnerConfig())
-    broadcaster = Broadcaster(BroadcastConfig(master_port=0, join_poll_s=0.05), transport, runtime,
-                              node_id="learner", dtype=torch.float32)  # fmt: skip
+    broadcast = BroadcastConfig(master_port=0, join_poll_s=0.05, api_key_file=str(tmp_path / "engine-key"))
+    broadcaster = Broadcaster(broadcast, transport, runtime, node_id="learner", dtype=torch.float32)
     added: list[HttpLink] = []
     monkeypatch.setattr(broadcaster.sender, "add_engine", added.append)
     try:
@@ -98,6 +101,7 @@ def test_an_sglang_join_on_the_control_stream_adds_an_http_link(redis_server: An
         broadcaster.close()
         transport.close()
     assert [(link.name, link.url, link.n_ranks) for link in added] == [("sglang-0", "http://10.0.0.5:30000", 2)]
+    assert added[0]._http.headers["authorization"] == "Bearer sk-engines"
 
 
 def test_what_is_sent_is_a_copy_that_training_cannot_change(tmp_path: Path, monkeypatch: Any) -> None:

@@ -211,7 +211,9 @@ def test_malformed_oversized_and_slow_bodies_get_4xx_never_500(server: ServerHan
 def test_weight_routes_refuse_a_group_they_cannot_join_with_400(server: ServerHandle) -> None:
     body = {"names": ["w"], "dtypes": ["float32"], "shapes": [[2]], "group_name": "no"}
     body["load_format"] = "flattened_bucket"
+    assert post(server, "/begin_weight_update", {"selector": "all"}).json()["success"] is True
     response = post(server, "/update_weights_from_distributed", body)
+    assert post(server, "/end_weight_update", {}).json()["success"] is True
     assert response.status_code == 400 and response.json()["success"] is False
     assert "group_name" in response.json()["message"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,9 @@ class FakeSGLang:
     mode: str
     start_version: str = "default"
     end_version: str = "default"
-    deterministic: bool = False
+    deterministic: bool = False  # as --enable-deterministic-inference: a request without sampling_seed gets 42
+    server_args: dict[str, Any] = field(default_factory=dict)  # more of /server_info (tp_size, dp_size, ...)
+    weight_versions: list[dict[str, Any]] | None = None  # meta_info.weight_versions, SGLang >= 0.5.22's spans
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -67,7 +69,7 @@ def fake_app(fake: FakeSGLang) -> FastAPI:
 
     @app.get("/server_info")
     def server_info() -> dict[str, Any]:
-        return {"version": "0.5.4", "enable_deterministic_inference": fake.deterministic}
+        return {"version": "0.5.23", "enable_deterministic_inference": fake.deterministic, **fake.server_args}
 
     @app.get("/model_info")
     def model_info() -> dict[str, Any]:
@@ -85,6 +87,7 @@ def fake_app(fake: FakeSGLang) -> FastAPI:
         return [one_output(p, body.get("top_logprobs_num", 0)) for _, p in rows]
 
     def one_output(params: dict[str, Any], top_n: int) -> dict[str, Any]:
+        draw = np.random.default_rng(params.get("sampling_seed", 42)) if fake.deterministic else rng
         temperature = params.get("temperature", 1.0)
         greedy = temperature < 1e-6
         logprobs = log_softmax(LOGITS if greedy or fake.mode == "raw" else LOGITS / temperature)
@@ -95,13 +98,15 @@ def fake_app(fake: FakeSGLang) -> FastAPI:
                 continue
             probs = np.exp(log_softmax(LOGITS / temperature))
             probs *= kept(temperature, params.get("top_k", -1), params.get("top_p", 1.0))
-            ids.append(int(rng.choice(len(probs), p=probs / probs.sum())))
+            ids.append(int(draw.choice(len(probs), p=probs / probs.sum())))
         top = [[float(logprobs[i]), int(i), None] for i in np.argsort(-logprobs)[:top_n]]
         meta = {
             "finish_reason": {"type": "length", "length": len(ids)},
             "weight_version": fake.end_version,
             "output_token_logprobs": [[float(logprobs[t]), t, None] for t in ids],
         }
+        if fake.weight_versions is not None:
+            meta["weight_versions"] = fake.weight_versions
         if top_n:
             meta["output_top_logprobs"] = [top] * len(ids)
         return {"text": "", "output_ids": ids, "meta_info": meta}
@@ -187,13 +192,58 @@ def test_a_version_change_during_a_request_counts_every_token_from_the_older_ver
     assert sample.policy_version == 3 and sample.version_ranges == [(0, 4, 3)]
 
 
+SPANS = [{"version": v, "start": start, "end": end} for v, start, end in [("3", 0, 1), ("4", 1, 3), ("5", 3, 4)]]
+
+
+@pytest.mark.parametrize(
+    "fake", [FakeSGLang("temperature_scaled", start_version="3", end_version="5", weight_versions=SPANS)], ids=["spans"]
+)
+def test_per_token_weight_versions_become_the_samples_version_ranges(server: ServerHandle) -> None:
+    engine = connect(server)
+    [[sample]] = engine.generate([[1]], Sampling(max_new_tokens=4))
+    assert sample.version_ranges == [(0, 1, 3), (1, 3, 4), (3, 4, 5)] and sample.policy_version == 3
+
+
+@pytest.mark.parametrize(
+    "fake", [FakeSGLang("temperature_scaled", weight_versions=[{"version": "3", "start": 1, "end": 4}])], ids=["gap"]
+)
+def test_spans_that_do_not_cover_the_tokens_are_a_protocol_error(server: ServerHandle) -> None:
+    engine = connect(server)
+    with pytest.raises(SGLangError, match="weight_versions: .* do not cover the 4 tokens") as caught:
+        engine.generate([[1]], Sampling(max_new_tokens=4))
+    assert caught.value.reason == "protocol"
+
+
+@pytest.mark.parametrize(
+    ("fake", "n_ranks"),
+    [(FakeSGLang("raw"), 1), (FakeSGLang("raw", server_args={"tp_size": 4, "dp_size": 1, "pp_size": 1}), 4)],
+    ids=["no-tp", "tp4"],
+)
+def test_the_engine_takes_one_weight_group_rank_per_tensor_parallel_worker(server: ServerHandle, n_ranks: int) -> None:
+    assert connect(server, logprobs="raw").n_ranks == n_ranks
+
+
+@pytest.mark.parametrize(
+    ("fake", "arg"),
+    [(FakeSGLang("raw", server_args={"tp_size": 2, "dp_size": 2}), "dp_size"),
+     (FakeSGLang("raw", server_args={"pp_size": 2}), "pp_size")],
+    ids=["dp2", "pp2"],
+)  # fmt: skip
+def test_servers_whose_workers_would_collide_in_the_weight_group_are_refused(server: ServerHandle, arg: str) -> None:
+    with pytest.raises(ValueError, match=f"{arg}: 2 on this SGLang server"):
+        connect(server, logprobs="raw")
+
+
 @pytest.mark.parametrize("fake", [FakeSGLang("raw", deterministic=True)], ids=["deterministic"])
-def test_a_seed_with_several_samples_is_refused_in_deterministic_mode(server: ServerHandle) -> None:
+def test_a_deterministic_server_gives_each_sample_of_a_prompt_its_own_seed(server: ServerHandle) -> None:
     engine = connect(server, logprobs="raw")  # configured: no probe
-    with pytest.raises(ValueError, match="sampling.seed: .* identical"):
-        engine.generate([[1]], Sampling(seed=3, max_new_tokens=2), n=2)
-    [[one]] = engine.generate([[1]], Sampling(seed=3, max_new_tokens=2))
-    assert len(one.response_ids) == 2
+    sampling = Sampling(max_new_tokens=6)
+    [group] = engine.generate([[1]], sampling, n=4)
+    assert len({tuple(s.response_ids) for s in group}) > 1  # one seed (42) for all would make them identical
+    seeded = Sampling(seed=3, max_new_tokens=6)
+    first, again = (engine.generate([[1], [2]], seeded, n=4) for _ in range(2))
+    assert [[s.response_ids for s in g] for g in first] == [[s.response_ids for s in g] for g in again]
+    assert len({tuple(s.response_ids) for s in first[0]}) > 1
 
 
 def test_support_logprob_renormalises_over_the_listed_support_or_says_it_cannot() -> None:

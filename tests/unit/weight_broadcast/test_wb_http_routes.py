@@ -38,6 +38,7 @@ def client(loads: list[int]) -> TestClient:
 def test_a_bucket_that_cannot_be_received_is_refused(
     client: TestClient, loads: list[int], change: dict[str, object], field: str
 ) -> None:
+    assert client.post("/begin_weight_update", json={"selector": "all"}).json()["success"] is True
     reply = client.post("/update_weights_from_distributed", json=BUCKET | change)
     assert reply.status_code == 400
     assert reply.json()["success"] is False and field in reply.json()["message"]
@@ -52,3 +53,20 @@ def test_requests_missing_a_field_are_refused_by_validation(client: TestClient) 
 def test_destroying_a_group_this_engine_is_not_in_is_harmless(client: TestClient) -> None:
     reply = client.post("/destroy_weights_update_group", json={"group_name": "g-9"})
     assert reply.status_code == 200 and reply.json()["success"] is True
+
+
+def test_buckets_are_refused_outside_a_session_and_sessions_do_not_nest_as_in_sglang(
+    client: TestClient, loads: list[int]
+) -> None:
+    bucket = BUCKET | {"load_format": "flattened_bucket"}
+    outside = client.post("/update_weights_from_distributed", json=bucket)
+    assert outside.status_code == 400 and "between begin_weight_update() and end_weight_update()" in outside.text
+    no_session = client.post("/end_weight_update", json={})
+    assert no_session.status_code == 400 and "no weight-update session is open" in no_session.text
+    assert client.post("/begin_weight_update", json={"selector": "all"}).status_code == 200
+    twice = client.post("/begin_weight_update", json={"selector": "all"})
+    assert twice.status_code == 400 and "already open" in twice.text
+    assert client.post("/end_weight_update", json={}).json()["success"] is True
+    assert client.post("/begin_weight_update", json={"selector": "draft"}).status_code == 200
+    assert client.post("/begin_weight_update", json={"selector": "spare"}).status_code == 422
+    assert loads == []
