@@ -2,8 +2,8 @@
 accounted for.
 
 `slipstream up` runs the learner and a rollout node as separate processes against the test's redis-server, on the
-demo's config, until the held-out greedy accuracy reaches 0.8 (the learner stops there) or 240 steps. Checked: the
-accuracy climbed well above where it started, and, from the accounting hash and what is left on the trajectories
+demo's config, until the held-out greedy accuracy reaches 0.6 (the learner stops there) or 240 steps. Checked: the
+accuracy climbed from chance (~0.1) to 0.6 at least, and, from the accounting hash and what is left on the trajectories
 stream, published == trained + sum(dropped by reason) + still on the stream (undelivered or pending).
 """
 
@@ -50,8 +50,8 @@ def test_demo_learns_and_accounts_for_every_trajectory(redis_server, tmp_path: P
         "--run.output_dir", str(tmp_path / "run"),
         "--model.path", str(tmp_path / "model"),
         "--up.timeout_s", "200",
-        "--learner.max_steps", "240",  # ~140 s; runs that reach 0.8 do by ~200
-        "--learner.target_accuracy", "0.8",
+        "--learner.max_steps", "240",  # runs reach 0.6 by step ~100 (0.9, the demo's own target, by ~200)
+        "--learner.target_accuracy", "0.6",
     ]  # fmt: skip
     out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=260)
     last = out.stdout.strip().splitlines()[-1]

@@ -64,9 +64,10 @@ class Cluster:
         """A `WeightReceiver` engine that finds the learner through the store."""
         self._spawn(name, [str(HERE / "wb_engine.py"), name, str(self.sender.port), str(TIMEOUT_S)])
 
-    def start_http_engine(self, name: str, port: int) -> str:
-        """An engine with SGLang's HTTP routes on `port`; returns its URL once it answers /health."""
-        self._spawn(name, [str(HERE / "wb_http_engine.py"), name, str(port), str(TIMEOUT_S)])
+    def start_http_engine(self, name: str, port: int, tp_size: int = 1) -> str:
+        """An engine with SGLang's HTTP routes on `port` (`tp_size` workers); returns its URL once it answers
+        /health."""
+        self._spawn(name, [str(HERE / "wb_http_engine.py"), name, str(port), str(TIMEOUT_S), str(tp_size)])
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
