@@ -45,7 +45,7 @@ def measure_engine_ratio(setup: Setup) -> dict[str, Any]:
 
     args = setup.args
     engine = TorchEngine.from_config(
-        TorchEngineConfig(model_path=str(setup.model_path), device=args.device, eos_token_ids=[])
+        TorchEngineConfig(model_path=str(setup.model_path), device=args.device, dtype=args.dtype, eos_token_ids=[])
     )
     prompt_ids = [engine.tokenizer.encode(p) for p in setup.prompts]
     encoded = engine.tokenizer(setup.prompts, return_tensors="pt", padding=True).to(args.device)
@@ -98,7 +98,7 @@ def measure_http_overhead(setup: Setup) -> dict[str, Any]:
 
     args = setup.args
     engine = TorchEngine.from_config(
-        TorchEngineConfig(model_path=str(setup.model_path), device=args.device, eos_token_ids=[])
+        TorchEngineConfig(model_path=str(setup.model_path), device=args.device, dtype=args.dtype, eos_token_ids=[])
     )
     prompt_ids = [engine.tokenizer.encode(p) for p in setup.prompts]
     server = serve_in_thread(build_app(engine))
@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--intermediate-size", type=_at_least(1), default=768, help="demo MLP width (default: %(default)s)"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights (default: %(default)s)"
+    )
     parser.add_argument(
         "--threads", type=_at_least(0), default=0, help="torch CPU threads, 0: torch's default (default: %(default)s)"
     )

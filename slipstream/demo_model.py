@@ -57,6 +57,13 @@ class DemoModelSpec(Section):
         0.02, gt=0, le=1.0, description="std of the random weights (0.02 starts near uniform; larger is more peaked)"
     )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the random initialisation")
+    vocab_size: int = Field(
+        len(VOCAB),
+        ge=len(VOCAB),
+        le=262144,
+        description=f"rows of the embedding and LM head: {len(VOCAB)} (the tokenizer's) or more, to give the model a "
+        "real LM head's size (e.g. 151936, Qwen2's); the tokenizer never produces the extra ids and decodes them to ''",
+    )
 
     @field_validator("num_heads")
     @classmethod
@@ -91,7 +98,7 @@ def build_demo_model(path: str | Path, **spec: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_demo_tokenizer(shape.max_position_embeddings)
     config = LlamaConfig(
-        vocab_size=len(VOCAB),
+        vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_layers,
