@@ -137,8 +137,7 @@ class SGLangEngine(Engine):
                 "sglang is not installed here (pip install '.[gpu]')", route="launch", reason="unreachable"
             )
         port = config.port or _free_port(config.host)
-        command = [sys.executable, "-m", "sglang.launch_server", "--model-path", config.model_path]
-        command += ["--host", config.host, "--port", str(port), *config.launch_args]
+        command = launch_command(config, port)
         log.info("launching sglang", command=" ".join(command))
         api_key = config.api_key()
         if api_key:  # SGLang takes its key on the command line only: visible in `ps` to users of this host
@@ -538,6 +537,14 @@ def _stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 30.0)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(grace_s)
+
+
+def launch_command(config: SGLangConfig, port: int) -> list[str]:
+    """The command that starts an SGLang server for `config` on `port` (the API key, when set, is added after)."""
+    if config.model_path is None:
+        raise ValueError("model_path: required to launch an SGLang server")
+    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", config.model_path]
+    return command + ["--host", config.host, "--port", str(port), *config.launch_args]
 
 
 def _weight_ranks(info: dict[str, Any]) -> int:

@@ -27,12 +27,13 @@ from packaging.requirements import Requirement
 
 from bus.schema import Sampling
 from rollout_node.engines.base import TorchEngineConfig
-from rollout_node.engines.sglang import SGLangEngine, SGLangRequestError
+from rollout_node.engines.sglang import SGLangEngine, SGLangRequestError, launch_command
 from rollout_node.engines.torch_engine import TorchEngine
 from rollout_node.server import ServerHandle, build_app, serve_in_thread
 from rollout_node.server_config import SGLangConfig
 from slipstream.demo_model import build_demo_model
 from tests.conftest import require
+from tests.integration.rollout_node.test_sglang_gpu import LAUNCH_ARGS
 
 REPO = Path(__file__).resolve().parents[3]
 WHEEL_DIR = Path(sys.prefix) / "sglang-wheel"
@@ -163,3 +164,19 @@ def test_serve_engines_answers_read_as_sglangs_responses(
         model_info = api.decode_GetModelInfoResponse(http.get("/model_info").json())
         server_info = api.decode_GetServerInfoResponse(http.get("/server_info").json())
     assert model_info.weight_version == "0" and server_info.model_path == model_info.model_path != ""
+
+
+def test_every_flag_the_client_launches_sglang_with_is_one_of_sglangs_server_args(wheel: zipfile.ZipFile) -> None:
+    # ServerArgs' fields (sglang/srt/arg_groups/fields/*.py, `name: A[type, help]`) become `--name-with-dashes`
+    # (arg_groups/arg_utils.py `_field_to_cli_name`).
+    fields = {
+        match.group(1)
+        for name in wheel.namelist()
+        if re.fullmatch(r"sglang/srt/arg_groups/fields/\w+\.py", name)
+        for match in re.finditer(r"^    (\w+): A\[", wheel.read(name).decode(), re.MULTILINE)
+    }
+    known = {"--" + field.replace("_", "-") for field in fields}
+    assert {"--model-path", "--tp-size", "--api-key"} <= known  # the reading itself works
+    config = SGLangConfig(model_path="/models/policy", launch_args=LAUNCH_ARGS, api_key_env=None)
+    flags = [arg for arg in launch_command(config, 30000) if arg.startswith("--")] + ["--api-key"]
+    assert [flag for flag in flags if flag not in known] == []

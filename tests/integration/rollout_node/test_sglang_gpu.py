@@ -20,6 +20,12 @@ from slipstream.demo_model import build_demo_model
 pytestmark = pytest.mark.gpu
 
 
+LAUNCH_ARGS = [  # checked against SGLang's own flags by test_sglang_contract.py
+    *("--mem-fraction-static", "0.3", "--disable-cuda-graph", "--dtype", "float32"),
+    *("--attention-backend", "torch_native", "--sampling-backend", "pytorch"),  # any head size, fp32
+]
+
+
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # head_dim 64 (256 / 4): a size every SGLang attention backend supports.
@@ -45,10 +51,7 @@ def engine(
         config = SGLangConfig(
             model_path=str(model_path),
             port=0,
-            launch_args=[
-                *("--mem-fraction-static", "0.3", "--disable-cuda-graph", "--dtype", "float32"),
-                *("--attention-backend", "torch_native", "--sampling-backend", "pytorch"),  # any head size, fp32
-            ],
+            launch_args=LAUNCH_ARGS,
             startup_timeout_s=900,
         )
         launched.append(SGLangEngine.from_config(config))
