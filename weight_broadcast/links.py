@@ -99,7 +99,9 @@ class HttpLink:
     """An engine with SGLang's weight-update HTTP routes at `url` (e.g. "http://host:30000").
 
     pause_mode: SGLang's `/pause_generation` mode during an update: "retract" keeps the requests in flight (they are
-    recomputed with the new weights), "abort" drops them, "in_place" keeps them with their old KV cache.
+    recomputed with the new weights), "abort" drops them, "in_place" keeps them with their old KV cache (and the
+    prefix cache is not flushed: SGLang refuses a flush while requests are held, so cached prefixes keep the old
+    weights' KV).
     api_key: sent as `Authorization: Bearer <key>` (SGLang's `--api-key`, serve-engine's api key), if set.
     """
 
@@ -187,7 +189,8 @@ class HttpLink:
                 "dtypes": [s.dtype for s in specs],
                 "shapes": [list(s.shape) for s in specs],
                 "group_name": weights.group,
-                "flush_cache": last,
+                # in_place keeps the paused requests' KV cache, so SGLang refuses the flush while they are there.
+                "flush_cache": last and self.pause_mode != "in_place",
                 "load_format": "flattened_bucket",
             }
             if last:

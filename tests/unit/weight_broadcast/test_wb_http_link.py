@@ -63,8 +63,8 @@ class StandIn:
         return [route for route, _, _ in self.calls]
 
 
-def link_to(server: StandIn, api_key: str | None = None) -> HttpLink:
-    link = HttpLink("sgl-0", "http://sgl:30000", n_ranks=2, api_key=api_key)
+def link_to(server: StandIn, api_key: str | None = None, pause_mode: str = "retract") -> HttpLink:
+    link = HttpLink("sgl-0", "http://sgl:30000", n_ranks=2, pause_mode=pause_mode, api_key=api_key)
     link._http = httpx.Client(transport=httpx.MockTransport(server), headers=link._http.headers)
     return link
 
@@ -124,3 +124,11 @@ def test_no_api_key_sends_no_authorization_header() -> None:
     server = StandIn()
     link_to(server).receive(WEIGHTS, deadline())
     assert {key for _, _, key in server.calls} == {None}
+
+
+def test_in_place_pauses_update_without_the_flush_sglang_refuses_while_requests_are_held() -> None:
+    server = StandIn()
+    link_to(server, pause_mode="in_place").receive(WEIGHTS, deadline())
+    assert server.calls[0][1] == {"mode": "in_place"}
+    buckets = [body for route, body, _ in server.calls if route == "update_weights_from_distributed"]
+    assert [b["flush_cache"] for b in buckets] == [False, False] and buckets[-1]["weight_version"] == "7"
