@@ -9,7 +9,8 @@ Each is a `[task]` section given as overrides on top of the run's config (the le
   target would measure generalisation from 80 pairs, not how fast RL learns;
 - `repeat`: generation-heavy: "7x32=" -> the digit written 32 times (responses of 32 tokens, so generation dominates
   a step), scored by `position_match` (the share of the 32 positions right), evaluated on the training prompts
-  (`task.eval_split = "train"`: ten digits leave nothing to hold out), correct only when all 32 are right.
+  (`task.eval_split = "train"`: ten digits leave nothing to hold out), correct only when all 32 are right. Its
+  answers need 33 tokens with the eos, so it sets `learner.max_new_tokens` to 40 on every system.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ class LearnTask:
     toml: str
     target: float
     files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # JSONL files to write first, by name
+    # The response budget its answers need (TRL's max_completion_length for a dataset), the one learner setting a
+    # task carries: a recipe cannot learn to write 32 characters in 4 tokens. None: the recipe's own.
+    max_new_tokens: int | None = None
+
+    def overrides(self) -> list[str]:
+        """The command-line overrides this task adds to every system's run."""
+        return [] if self.max_new_tokens is None else ["--learner.max_new_tokens", str(self.max_new_tokens)]
 
     def config(self, base: str, folder: Path) -> Path:
         """Write the task's files and `base` (a TOML text) with its own `[task]` sections replaced by this task's,
@@ -92,6 +100,7 @@ def _tasks() -> dict[str, LearnTask]:
             + '[[task.rewards]]\nfunction = "bench._learn_tasks:position_match"\n',
             target=0.9,
             files={"repeat.jsonl": repeat_rows},
+            max_new_tokens=REPEAT_LENGTH + 8,
         ),
     ]
     return {task.name: task for task in tasks}

@@ -96,6 +96,7 @@ def run_task(task: LearnTask, base: str, seed: int, args: argparse.Namespace) ->
         overrides = [
             "--model.path", str(folder / "model"), "--run.seed", str(seed),
             "--learner.max_steps", str(args.max_steps), "--learner.target_accuracy", str(task.target),
+            *task.overrides(),
         ]  # fmt: skip
         results: dict[str, dict[str, Any]] = {}
         for system in args.systems:

@@ -34,6 +34,18 @@ def test_each_task_replaces_the_configs_task_and_keeps_the_rest(tmp_path: Path) 
     assert tomllib.loads(TASKS["repeat"].config(base, tmp_path).read_text())["task"]["eval_split"] == "train"
 
 
+def test_only_the_repeat_task_sets_a_response_budget_and_it_fits_its_answers(tmp_path: Path) -> None:
+    from bus.settings import load_settings
+    from learner_node.config import LearnerSettings
+
+    assert [name for name, task in TASKS.items() if task.overrides()] == ["repeat"]
+    repeat = TASKS["repeat"]
+    settings = load_settings(LearnerSettings, repeat.config(Path("configs/demo.toml").read_text(), tmp_path),
+                             repeat.overrides())  # fmt: skip
+    answer = repeat.files["repeat.jsonl"][0]["ground_truth"]
+    assert settings.learner.max_new_tokens >= len(answer) + 1  # one token per character, then the eos
+
+
 def test_position_match_is_one_only_for_the_exact_answer() -> None:
     truth = ["7" * 32] * 4
     scores = position_match(["7" * 32, "7" * 16, "7" * 33, "x" + "7" * 31], ground_truth=truth)
