@@ -109,6 +109,36 @@ def response_logits(outputs: torch.Tensor, response_length: int) -> torch.Tensor
     return outputs[:, -response_length - 1 : -1]
 
 
+def plan_micro_batches(lengths: Sequence[tuple[int, int]], max_rows: int, max_tokens: int | None) -> list[list[int]]:
+    """Rows (by index) of each micro-batch for samples of `lengths` (prompt P_i, response T_i).
+
+    max_tokens None: consecutive runs of `max_rows`. Else rows sorted longest first, each micro-batch filled while its
+    padded size, rows x (max P + max T), stays within `max_tokens` and its rows within `max_rows`: similar lengths pad
+    each other little. A row longer than the budget alone goes alone. The plan changes only how the step is cut: the
+    loss normalisers are the step's, so the loss and gradient are the same for any plan.
+    """
+    if max_tokens is None:
+        return [list(range(i, min(i + max_rows, len(lengths)))) for i in range(0, len(lengths), max_rows)]
+    plan: list[list[int]] = []
+    width = prompt = response = 0
+    for i in sorted(range(len(lengths)), key=lambda i: (-(lengths[i][0] + lengths[i][1]), i)):
+        p, t = lengths[i]
+        width = max(prompt, p) + max(response, t)
+        if not plan or len(plan[-1]) >= max_rows or (len(plan[-1]) + 1) * width > max_tokens:
+            plan.append([])
+            prompt = response = 0
+        plan[-1].append(i)
+        prompt, response = max(prompt, p), max(response, t)
+    return plan
+
+
+def padded_tokens(lengths: Sequence[tuple[int, int]], plan: Sequence[Sequence[int]]) -> int:
+    """Token slots the micro-batches of `plan` take once padded: rows x (longest prompt + longest response)."""
+    return sum(
+        len(rows) * (max(lengths[i][0] for i in rows) + max(lengths[i][1] for i in rows)) for rows in plan if rows
+    )
+
+
 def split_micro_batches(count: int, size: int, batches: int) -> list[slice]:
     """`count` rows cut into exactly `batches` consecutive slices of at most `size` rows; slices past the rows are
     empty. Every rank runs the same number of forward/backward passes (FSDP's collectives pair up), so a rank with

@@ -163,6 +163,20 @@ class LearnerConfig(Section):
         description="sequences per forward/backward; gradients accumulate over the step's micro-batches (TRL: "
         "per_device_train_batch_size)",
     )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each transformer block's activations in the backward instead of keeping them: less "
+        "memory for long sequences and big models, about one more forward of compute",
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=16,
+        le=100_000_000,
+        description="GRPO/PPO: cut micro-batches by padded tokens (rows x longest prompt + longest response) instead "
+        "of by micro_batch_size alone: samples sorted by length, each micro-batch within this budget and "
+        "micro_batch_size rows (a longer sample goes alone). Same loss and gradient; less padding, bounded memory. "
+        "None: consecutive runs of micro_batch_size",
+    )
 
     # --- optimizer ---------------------------------------------------------------------------------------------
     lr: float = Field(1e-6, gt=0, le=1.0, description="peak learning rate of AdamW (TRL: learning_rate)")

@@ -12,16 +12,19 @@ names never mix with the policy's: the broadcast and the HF export carry the pol
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import structlog
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
@@ -88,16 +91,47 @@ def shard(module: nn.Module, runtime: Runtime) -> nn.Module:
     return module
 
 
-def load_policy(path: str, runtime: Runtime, *, trainable: bool = True) -> PreTrainedModel:
-    """The HF causal LM at `path` in float32 (master weights), sharded, without dropout; frozen unless trainable."""
+def load_policy(
+    path: str, runtime: Runtime, *, trainable: bool = True, activation_checkpointing: bool = False
+) -> PreTrainedModel:
+    """The HF causal LM at `path` in float32 (master weights), sharded, without dropout; frozen unless trainable.
+    activation_checkpointing: each transformer block keeps only its inputs for the backward and recomputes the rest
+    (`checkpoint_blocks`)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     model.to(runtime.device)
     model.config.use_cache = False  # training forwards never want a KV cache; generation passes its own
     model.eval()  # no dropout: the learner's logprobs must be the distribution the rollouts sampled from
     if not trainable:
         model.requires_grad_(False)
+    elif activation_checkpointing:
+        checkpoint_blocks(model)
     shard(model, runtime)
     return model
+
+
+def checkpoint_blocks(module: nn.Module) -> int:
+    """Activation checkpointing per transformer block (the model's `_no_split_modules`): each block's forward runs
+    under non-reentrant `torch.utils.checkpoint`, so the backward recomputes its activations from its inputs.
+
+    The block's `forward` is wrapped in place, not the module: parameter names (the weight broadcast's and the
+    checkpoints' keys) stay the same, and FSDP2's hooks, which sit on the block's `__call__`, wrap the checkpointed
+    forward as torchtitan's order (checkpoint inside the FSDP unit) does. HF's own gradient checkpointing would need
+    `train()` mode, which turns dropout on. Returns the number of blocks wrapped."""
+    block_names = set(getattr(module, "_no_split_modules", None) or ())
+    wrapped = 0
+    for child in module.modules():
+        if child is not module and type(child).__name__ in block_names:
+            child.forward = functools.partial(_checkpointed, child.forward)
+            wrapped += 1
+    if not wrapped:
+        raise ValueError(f"learner.activation_checkpointing: {type(module).__name__} names no transformer block")
+    return wrapped
+
+
+def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():  # no-grad passes (eval, proximal logprobs) keep nothing to recompute
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def build_value_head(policy: PreTrainedModel, runtime: Runtime) -> nn.Linear:

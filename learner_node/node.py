@@ -150,7 +150,7 @@ class LearnerNode:
     # --- construction --------------------------------------------------------------------------------------------
     def _build_model(self) -> None:
         cfg, path = self.cfg, self.settings.model.path
-        self.policy = load_policy(path, self.runtime)
+        self.policy = load_policy(path, self.runtime, activation_checkpointing=cfg.activation_checkpointing)
         self.value_head = build_value_head(self.policy, self.runtime) if cfg.algorithm == "ppo" else None
         needs_reference = cfg.beta > 0 or cfg.algorithm == "dpo"
         self.reference = load_policy(path, self.runtime, trainable=False) if needs_reference else None

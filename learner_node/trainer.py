@@ -46,7 +46,15 @@ from learner_node.algorithms import (
     value_loss,
     vtrace,
 )
-from learner_node.batching import Batch, collate, placeholder, preference_rows, split_micro_batches
+from learner_node.batching import (
+    Batch,
+    collate,
+    padded_tokens,
+    placeholder,
+    plan_micro_batches,
+    preference_rows,
+    split_micro_batches,
+)
 from learner_node.config import LearnerConfig
 from learner_node.groups import Unit
 from learner_node.model import Runtime, forward
@@ -145,19 +153,24 @@ class Trainer:
         """One optimizer step on `units` (the same list on every rank); returns the step's metrics (global)."""
         cfg, world = self.cfg, self.runtime.world
         mine = share(len(units), world, self.runtime.rank)
-        skipped = 0.0
+        skipped = padding_efficiency = 0.0
         if cfg.algorithm == "dpo":
             pairs = [pairs_of(u) for u in units]
             rows_per_rank = [sum(len(p) for p in pairs[share(len(units), world, r)]) for r in range(world)]
             micros = self._dpo_micros([p for unit_pairs in pairs[mine] for p in unit_pairs], rows_per_rank)
         else:
             rows = self._policy_rows(units)
-            rows_per_rank = [sum(len(r) for r in rows[share(len(units), world, rank)]) for rank in range(world)]
-            samples, values = [s for r in rows[mine] for s, _ in r], [a for r in rows[mine] for _, a in r]
+            per_rank = [[row for r in rows[share(len(units), world, rank)] for row in r] for rank in range(world)]
+            lengths = [[(len(s.prompt_ids), len(s.response_ids)) for s, _ in part] for part in per_rank]
+            plans = [plan_micro_batches(part, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch) for part in lengths]
+            count = max(1, *(len(plan) for plan in plans))  # every rank runs as many passes
+            plan = plans[self.runtime.rank] + [[]] * (count - len(plans[self.runtime.rank]))
             tokens = sum(trained_tokens(s) for r in rows for s, _ in r)
-            micros = self._policy_micros(samples, values, self._normaliser(units), tokens, rows_per_rank)
+            micros = self._policy_micros(per_rank[self.runtime.rank], plan, self._normaliser(units), tokens)
             total = sum(len(u.samples) for u in units)
-            skipped = (total - sum(rows_per_rank)) / max(total, 1)
+            skipped = (total - sum(len(part) for part in per_rank)) / max(total, 1)
+            padded = sum(padded_tokens(part, plan) for part, plan in zip(lengths, plans, strict=True))
+            padding_efficiency = sum(p + t for part in lengths for p, t in part) / max(padded, 1)
         self._pre_pass(micros)
         for _ in range(cfg.ppo_epochs):
             sums: dict[str, float] = defaultdict(float)
@@ -182,6 +195,8 @@ class Trainer:
         out.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0], nonfinite_gradient=float(not applied))
         if cfg.algorithm == "grpo":
             out["zero_advantage_skipped_frac"] = skipped
+        if cfg.algorithm != "dpo":
+            out["padding_efficiency"] = padding_efficiency
         return out
 
     def _policy_rows(self, units: Sequence[Unit]) -> list[list[tuple[Trajectory, float]]]:
@@ -213,27 +228,23 @@ class Trainer:
         return max(1, *(-(-rows // size) for rows in rows_per_rank))
 
     def _policy_micros(
-        self,
-        samples: list[Trajectory],
-        advantages: list[float],
-        normaliser: float,
-        tokens: int,
-        rows_per_rank: list[int],
+        self, rows: list[tuple[Trajectory, float]], plan: list[list[int]], normaliser: float, tokens: int
     ) -> list[_Micro]:
+        """This rank's micro-batches: `rows` (sample, advantage) cut as `plan` says (an empty entry: a placeholder
+        pass that weighs 0)."""
         micros = []
-        slices = split_micro_batches(len(samples), self.cfg.micro_batch_size, self._micro_count(rows_per_rank))
-        for part in slices:
-            rows = samples[part] or [placeholder(self.pad_id)]
-            batch = collate(rows, advantages[part] or [0.0], self.pad_id).to(self.runtime.device)
-            if not samples[part]:
+        for indices in plan:
+            samples = [rows[i][0] for i in indices] or [placeholder(self.pad_id)]
+            batch = collate(samples, [rows[i][1] for i in indices] or [0.0], self.pad_id).to(self.runtime.device)
+            if not indices:
                 weight = 0.0
             elif self.cfg.loss_agg == "token-mean":
                 weight = float(batch.mask.sum())
             elif self.cfg.loss_agg == "seq-mean-token-mean":
                 weight = float((batch.mask.sum(-1) > 0).sum())
             else:
-                weight = float(len(rows))
-            token_weight = float(batch.mask.sum()) / max(tokens, 1) if samples[part] else 0.0
+                weight = float(len(samples))
+            token_weight = float(batch.mask.sum()) / max(tokens, 1) if indices else 0.0
             micros.append(_Micro(batch, weight / max(normaliser, 1.0), token_weight))
         return micros
 

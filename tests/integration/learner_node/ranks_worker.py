@@ -1,6 +1,8 @@
 """One learner rank for test_learner_ranks.py: FSDP2 over gloo, a few trainer steps on a fixed batch, results to JSON.
 
-python ranks_worker.py MODEL_PATH OUT_JSON     (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment)
+python ranks_worker.py MODEL_PATH OUT_JSON [budgeted]    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment)
+
+budgeted: activation checkpointing and micro-batches by a token budget, which must not change the steps.
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ def batch(step: int) -> list[Unit]:
     return units
 
 
-def run(model_path: str) -> dict:
-    cfg = LearnerConfig(lr=1e-2, micro_batch_size=3, adam_epsilon=1e-2, beta=0.05, loss_agg="seq-mean-token-mean")
+def run(model_path: str, budgeted: bool) -> dict:
+    cut = {"max_tokens_per_micro_batch": 40, "activation_checkpointing": True} if budgeted else {}
+    cfg = LearnerConfig(
+        lr=1e-2, micro_batch_size=3, adam_epsilon=1e-2, beta=0.05, loss_agg="seq-mean-token-mean", **cut
+    )
     runtime = init_distributed(cfg)
-    policy = load_policy(model_path, runtime)
+    policy = load_policy(model_path, runtime, activation_checkpointing=cfg.activation_checkpointing)
     reference = load_policy(model_path, runtime, trainable=False)
     optimizer = build_optimizer(cfg, [policy])
     trainer = Trainer(cfg, runtime, policy, optimizer, build_scheduler(cfg, optimizer), reference=reference)
@@ -68,7 +73,7 @@ def run(model_path: str) -> dict:
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    result = run(sys.argv[1])
+    result = run(sys.argv[1], sys.argv[3:] == ["budgeted"])
     with open(sys.argv[2], "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()

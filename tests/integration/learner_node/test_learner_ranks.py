@@ -43,8 +43,10 @@ def run_ranks(model: Path, out: Path, world: int, worker: Path = WORKER, *args: 
 
 @pytest.mark.timeout(300)
 def test_two_ranks_shard_and_match_one_rank(tmp_path: Path) -> None:
+    """The two ranks also checkpoint activations and cut micro-batches by a token budget (FSDP2 reshards after each
+    block's forward with two ranks, so the recompute gathers again): neither may change a step."""
     model = build_demo_model(tmp_path / "model")
-    two = run_ranks(model, tmp_path, 2)
+    two = run_ranks(model, tmp_path, 2, WORKER, "budgeted")
     [one] = run_ranks(model, tmp_path, 1)
 
     for result in two:

@@ -12,7 +12,15 @@ from transformers import AutoModelForCausalLM
 
 from bus.schema import Preference, Trajectory
 from learner_node.algorithms import token_logprobs
-from learner_node.batching import collate, placeholder, preference_rows, response_logits, split_micro_batches
+from learner_node.batching import (
+    collate,
+    padded_tokens,
+    placeholder,
+    plan_micro_batches,
+    preference_rows,
+    response_logits,
+    split_micro_batches,
+)
 from slipstream.demo_model import build_demo_model
 
 
@@ -86,3 +94,18 @@ def test_placeholder_and_preference_rows() -> None:
     chosen, rejected = preference_rows(pair)
     assert (chosen.response_ids.tolist(), rejected.response_ids.tolist()) == ([3], [4, 5])
     assert chosen.prompt_ids.tolist() == rejected.prompt_ids.tolist() == [1, 2]
+
+
+def test_a_token_budget_plan_sorts_by_length_and_keeps_each_micro_batch_within_budget_and_rows() -> None:
+    rng = np.random.default_rng(0)
+    lengths = [(int(rng.integers(1, 30)), int(rng.integers(1, 60))) for _ in range(40)] + [(50, 100)]  # one too long
+    plan = plan_micro_batches(lengths, max_rows=8, max_tokens=200)
+    assert sorted(i for rows in plan for i in rows) == list(range(len(lengths)))  # every row once
+    assert all(len(rows) <= 8 for rows in plan)
+    for rows in plan:
+        if rows != [40]:
+            assert padded_tokens(lengths, [rows]) <= 200, rows
+    assert [40] in plan  # longer than the budget alone: alone
+    consecutive = plan_micro_batches(lengths, max_rows=8, max_tokens=None)
+    assert consecutive == [list(range(i, min(i + 8, 41))) for i in range(0, 41, 8)]
+    assert padded_tokens(lengths, plan) < padded_tokens(lengths, consecutive)

@@ -37,7 +37,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 def make_trainer(model_path: str, **overrides: object) -> Trainer:
     cfg = LearnerConfig(**{"lr": 1e-2, "max_new_tokens": 8, **overrides})  # type: ignore[arg-type]
     runtime = init_distributed(cfg)
-    policy = load_policy(model_path, runtime)
+    policy = load_policy(model_path, runtime, activation_checkpointing=cfg.activation_checkpointing)
     head = build_value_head(policy, runtime) if cfg.algorithm == "ppo" else None
     reference = load_policy(model_path, runtime, trainable=False) if cfg.beta > 0 or cfg.algorithm == "dpo" else None
     optimizer = build_optimizer(cfg, [policy] + ([head] if head is not None else []))
@@ -73,13 +73,23 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return full_state_dict(trainer.policy)
 
 
+CUTS = {  # ways to run one step that must not change it
+    "3 rows": {"micro_batch_size": 3},
+    "24 tokens": {"max_tokens_per_micro_batch": 24},  # length-sorted, each micro-batch within 24 padded tokens
+    "checkpointed": {"micro_batch_size": 5, "activation_checkpointing": True},
+}
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_micro_batching_does_not_change_the_step(model_path: str, loss_agg: str) -> None:
+def test_micro_batching_does_not_change_the_step(model_path: str, loss_agg: str, cut: str) -> None:
     # A large Adam epsilon keeps the update linear in the gradient: rounding in near-zero gradients stays tiny.
     whole = make_trainer(model_path, loss_agg=loss_agg, micro_batch_size=64, beta=0.1, adam_epsilon=1e-2)
-    pieces = make_trainer(model_path, loss_agg=loss_agg, micro_batch_size=3, beta=0.1, adam_epsilon=1e-2)
+    pieces = make_trainer(model_path, loss_agg=loss_agg, beta=0.1, adam_epsilon=1e-2, **CUTS[cut])
     whole_metrics = whole.step(groups())
     piece_metrics = pieces.step(groups())
+    if cut == "24 tokens":  # sorted by length, the micro-batches pad less than the whole batch padded at once
+        assert piece_metrics["padding_efficiency"] > whole_metrics["padding_efficiency"] + 0.1, piece_metrics
     assert piece_metrics["loss"] == pytest.approx(whole_metrics["loss"], rel=1e-4, abs=1e-6)
     assert piece_metrics["grad_norm"] == pytest.approx(whole_metrics["grad_norm"], rel=1e-4)
     for name, tensor in weights(whole).items():
@@ -217,3 +227,23 @@ def test_advantages_at_the_reward_bound_are_finite() -> None:
         values = group_advantage_values([unit], LearnerConfig(scale_rewards=scale))[0]
         assert all(math.isfinite(v) for v in values), (scale, values)
     assert group_advantage_values([unit], LearnerConfig(scale_rewards="none"))[0] == rewards
+
+
+def test_activation_checkpointing_recomputes_each_block_in_the_backward(model_path: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from learner_node.model import checkpoint_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    calls: list[int] = []
+    for layer in model.model.layers:  # count the block's own forward, under the checkpoint wrapper
+        inner = layer.forward
+        layer.forward = lambda *a, _inner=inner, **k: (calls.append(1), _inner(*a, **k))[1]
+    assert checkpoint_blocks(model) == len(model.model.layers)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids).logits.sum().backward()
+    assert len(calls) == 2 * len(model.model.layers)  # forward, then recomputed in the backward
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert len(calls) == len(model.model.layers)  # nothing to recompute without a backward
