@@ -190,7 +190,11 @@ class LearnerConfig(Section):
     )
     warmup_steps: int = Field(0, ge=0, le=10_000_000, description="linear warmup from 0 over this many steps")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
-    bf16: bool = Field(True, description="bf16 autocast of forward passes on GPU (CPU always runs float32)")
+    bf16: bool = Field(
+        True,
+        description="bf16 compute on GPU: FSDP2 mixed precision (bf16 parameters in forward and backward, float32 "
+        "gradient reduction and master weights) and bf16 autocast; CPU always runs float32",
+    )
 
     # --- policy loss (GRPO and PPO) ----------------------------------------------------------------------------
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from learner_node.batching import Batch, response_logits
@@ -81,13 +81,17 @@ def shard(module: nn.Module, runtime: Runtime) -> nn.Module:
     """FSDP2: each transformer block (the model's `_no_split_modules`) is one unit, the rest goes with the root.
 
     With one rank there is nothing to free after a forward (the shard is the whole tensor), so the blocks stay
-    unsharded between forward and backward instead of being gathered twice."""
+    unsharded between forward and backward instead of being gathered twice. With bf16 (`runtime.autocast`, GPU),
+    FSDP2's mixed precision gathers and computes with bf16 copies of the parameters and reduces gradients in
+    float32 into the float32 master shards the optimizer steps."""
     block_names = set(getattr(module, "_no_split_modules", None) or ())
-    reshard = runtime.world > 1
+    options: dict[str, Any] = {"reshard_after_forward": runtime.world > 1}
+    if runtime.autocast is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=runtime.autocast, reduce_dtype=torch.float32)
     for child in list(module.modules()):
         if child is not module and type(child).__name__ in block_names:
-            fully_shard(child, reshard_after_forward=reshard)
-    fully_shard(module, reshard_after_forward=reshard)
+            fully_shard(child, **options)
+    fully_shard(module, **options)
     return module
 
 

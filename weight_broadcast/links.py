@@ -121,8 +121,12 @@ class HttpLink:
         self._http = httpx.Client(headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
 
     def ready(self, group: str, deadline: float) -> bool:
+        """Whether the server answers at all (GET /model_info, any status below 500). Not /health: SGLang's
+        generates a token by default and answers 503 while generation is paused, and a server a dead sender left
+        paused must still be let back in (the next update resumes it). A 401 answers too: an admin key is refused
+        on the routes that need the plain API key, and the join says so if the key is wrong for it as well."""
         try:
-            return self._http.get(f"{self.url}/health", timeout=_remaining(deadline)).is_success
+            return self._http.get(f"{self.url}/model_info", timeout=_remaining(deadline)).status_code < 500
         except httpx.HTTPError:
             return False
 

@@ -66,6 +66,10 @@ def main(name: str, port: int, timeout_s: float, tp_size: int = 1) -> None:
     def health() -> dict[str, bool]:
         return {"ok": True}
 
+    @app.get("/model_info")
+    def model_info() -> dict[str, str]:
+        return {"model_path": name}
+
     @app.post("/pause_generation")
     def pause() -> dict[str, bool]:
         emit("paused")

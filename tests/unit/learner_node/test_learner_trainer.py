@@ -247,3 +247,19 @@ def test_activation_checkpointing_recomputes_each_block_in_the_backward(model_pa
     with torch.no_grad():
         model(input_ids=ids)
     assert len(calls) == len(model.model.layers)  # nothing to recompute without a backward
+
+
+def test_bf16_shards_compute_in_bf16_and_keep_float32_master_weights_and_gradients(model_path: str) -> None:
+    """The GPU precision path (runtime.autocast = bf16), run on CPU, where torch computes bf16 too."""
+    from learner_node.model import Runtime
+
+    init_distributed(LearnerConfig())
+    runtime = Runtime(0, 1, torch.device("cpu"), torch.bfloat16)
+    policy = load_policy(model_path, runtime)
+    batch = collate(groups(count=1)[0].samples)
+    logits, _ = forward(policy, batch, runtime)
+    assert logits.dtype == torch.bfloat16
+    token_logprobs(logits, batch.response_ids).sum().backward()
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in policy.parameters() if p.grad is not None} == {torch.float32}
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in policy.parameters())

@@ -28,14 +28,20 @@ class StandIn:
     """SGLang's weight routes, recording each call; `fail_route` answers 400 on its first call, `session_open` is a
     session a dead sender left open, `sessions` False answers 404 to the session routes (SGLang < 0.5.22)."""
 
-    def __init__(self, fail_route: str | None = None, session_open: bool = False, sessions: bool = True) -> None:
+    def __init__(
+        self, fail_route: str | None = None, session_open: bool = False, sessions: bool = True, paused: bool = False
+    ) -> None:
         self.calls: list[tuple[str, dict[str, Any], str | None]] = []
         self.fail_route, self.session_open, self.sessions = fail_route, session_open, sessions
+        self.paused = paused  # SGLang's /health generates a token: 503 after 20 s while paused
+        self.unauthorized = False  # /model_info needs the plain API key when the link holds the admin key
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         route = request.url.path.lstrip("/")
         body = json.loads(request.content) if request.content else {}
         self.calls.append((route, body, request.headers.get("authorization")))
+        if route == "health":
+            return httpx.Response(503 if self.paused else 200)
         if not self.sessions and route.endswith("_weight_update"):
             return httpx.Response(404, json={"detail": "Not Found"})
         if route == self.fail_route:
@@ -54,6 +60,8 @@ class StandIn:
         elif route == "update_weights_from_distributed" and not self.session_open:
             message = "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
             return httpx.Response(400, json={"success": False, "message": message})
+        if route == "model_info":
+            return httpx.Response(401 if self.unauthorized else 200, json={"weight_version": "default"})
         if route in ("pause_generation", "continue_generation"):
             return httpx.Response(200, json={"message": "ok", "status": "ok"})
         return httpx.Response(200, json={"success": True, "message": "Success"})
@@ -132,3 +140,19 @@ def test_in_place_pauses_update_without_the_flush_sglang_refuses_while_requests_
     assert server.calls[0][1] == {"mode": "in_place"}
     buckets = [body for route, body, _ in server.calls if route == "update_weights_from_distributed"]
     assert [b["flush_cache"] for b in buckets] == [False, False] and buckets[-1]["weight_version"] == "7"
+
+
+def test_a_server_left_paused_by_a_dead_sender_answers_the_roll_call_and_the_update_resumes_it() -> None:
+    server = StandIn(paused=True, session_open=True)  # a sender died between pause and continue
+    link = link_to(server)
+    assert link.ready("g", deadline())
+    server.unauthorized = True  # the admin key on a server with both keys: still there
+    assert link.ready("g", deadline())
+    link.receive(WEIGHTS, deadline())
+    assert server.routes[-1] == "continue_generation" and not server.session_open
+
+
+def test_a_server_that_does_not_answer_is_not_ready() -> None:
+    link = HttpLink("sgl-0", "http://sgl:30000")
+    link._http = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(502)))
+    assert not link.ready("g", deadline())
