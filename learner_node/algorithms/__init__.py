@@ -10,18 +10,15 @@ from learner_node.algorithms.dpo import dpo_loss, online_dpo_pairs
 from learner_node.algorithms.kl import kl_penalty
 from learner_node.algorithms.logits import entropy_from_logits, nucleus_logits, token_entropy, token_logprobs
 from learner_node.algorithms.policy import policy_loss
-from learner_node.algorithms.staleness import StalenessFilter, filter_stale, version_lag
 from learner_node.algorithms.value import value_loss
 
 __all__ = [
     "LOSS_AGG_MODES",
     "LossAgg",
     "Metrics",
-    "StalenessFilter",
     "aggregate_loss",
     "dpo_loss",
     "entropy_from_logits",
-    "filter_stale",
     "gae",
     "group_advantages",
     "kl_penalty",
@@ -32,6 +29,5 @@ __all__ = [
     "token_entropy",
     "token_logprobs",
     "value_loss",
-    "version_lag",
     "vtrace",
 ]
