@@ -107,10 +107,15 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     prompt, response = args.length // 4, args.length - args.length // 4
     members = [
-        Trajectory(id=f"t{i}", group_id="g", producer="bench", reward=float(i % 2),
-                   prompt_ids=rng.integers(4, 100, prompt).astype(np.int32),
-                   response_ids=rng.integers(4, 100, response).astype(np.int32),
-                   behavior_logprobs=np.full(response, -10.0, np.float32))  # fmt: skip
+        Trajectory(
+            id=f"t{i}",
+            group_id="g",
+            producer="bench",
+            reward=float(i % 2),
+            prompt_ids=rng.integers(4, 100, prompt).astype(np.int32),
+            response_ids=rng.integers(4, 100, response).astype(np.int32),
+            behavior_logprobs=np.full(response, -10.0, np.float32),
+        )  # fmt: skip
         for i in range(args.rows)
     ]
     cuda = runtime.device.type == "cuda"

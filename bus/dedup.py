@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from redis.client import Pipeline
 
-from bus.transport.redis_streams import RedisTransport
+from bus.transport.base import LedgerStore
 
 
 class Dedup(ABC):
@@ -61,7 +61,7 @@ class RedisDedup(Dedup):
     `max_size` ids and none older than `ttl_s`. One round trip per `seen` (ZMSCORE) and per `mark`. Lives on the
     transport's Redis and shares its reconnection (a Redis restart is waited out, not raised)."""
 
-    def __init__(self, transport: RedisTransport, key: str, max_size: int = 1_000_000, ttl_s: float = 7 * 86_400):
+    def __init__(self, transport: LedgerStore, key: str, max_size: int = 1_000_000, ttl_s: float = 7 * 86_400):
         if max_size < 1:
             raise ValueError(f"max_size: must be >= 1, got {max_size}")
         if ttl_s <= 0:

@@ -44,7 +44,6 @@ from bus.consumer import MessageConsumer, Received
 from bus.dedup import Dedup, RedisDedup
 from bus.schema import Group, MessageError, Task, new_id
 from bus.transport.base import Transport
-from bus.transport.redis_streams import RedisTransport
 from learner_node.groups import Unit
 from telemetry.metrics import BUS_MESSAGES, LEARNER_DROPPED_SAMPLES
 
@@ -98,7 +97,7 @@ class Ledger:
         self.cursor_key = f"{prefix}accounting:dead_cursor"
         self.publish_token_key = f"{self.admission_key}:publish_token"  # the last batch of tasks published
         self._token_prefix = f"{prefix}accounting:settled:"
-        self.redis = transport if isinstance(transport, RedisTransport) else None
+        self.redis = transport.ledger()  # None: this process's own counts are the only record
         self.client: Any = self.redis.client if self.redis is not None else None
         self._guarded = self.client.register_script(_GUARDED_HINCRBY) if self.client is not None else None
         self._local: Counter[str] = Counter()  # what this process counted (the only record without Redis)

@@ -39,7 +39,6 @@ from bus.consumer import MessageConsumer
 from bus.dedup import Dedup, MemoryDedup, RedisDedup
 from bus.schema import Group, Preference, Sampling, Trajectory
 from bus.transport import setup_transport
-from bus.transport.redis_streams import RedisTransport
 from envs.config import TRAIN_SPLIT
 from envs.render import render_preference
 from envs.rows import PromptRow
@@ -174,8 +173,13 @@ class LearnerNode:
         self.transport = setup_transport(settings.bus)
         self.from_dataset = cfg.algorithm == "dpo" and cfg.dpo_source == "dataset"
         dedup: Dedup
-        if isinstance(self.transport, RedisTransport):
-            dedup = RedisDedup(self.transport, f"{settings.bus.prefix}dedup:learner", ttl_s=cfg.dedup_ttl_s)
+        if self.runtime.world > 1:  # every rank reads the trajectories group
+            self.transport.guarantees.require(
+                settings.bus.type, {"shared_groups": f"{self.runtime.world} learner ranks reading one group"}
+            )
+        store = self.transport.ledger()
+        if store is not None:
+            dedup = RedisDedup(store, f"{settings.bus.prefix}dedup:learner", ttl_s=cfg.dedup_ttl_s)
         else:
             dedup = MemoryDedup()
         self.dedup = dedup

@@ -18,7 +18,6 @@ from bus.codec import MAX_NAME_CHARS, encode
 from bus.consumer import MessageConsumer, Received
 from bus.schema import Group, Task, Trajectory
 from bus.transport import Delivery, Transport
-from bus.transport.redis_streams import RedisTransport
 from envs import PromptRow, RewardSet
 from rollout_node.engines.base import Sample, VersionRange, token_versions, version_ranges
 from telemetry.metrics import (
@@ -134,9 +133,9 @@ class Publisher:
         in one round trip (waiting while the stream is full) and count their trajectories. Returns the entry ids."""
         payloads, count = self._encode(messages)
         entry_ids = self.transport.publish(self.stream, payloads)
-        transport = self.transport
-        if isinstance(transport, RedisTransport):
-            transport.retrying(lambda: transport.client.hincrby(self.accounting_key, "published", count))
+        store = self.transport.ledger()
+        if store is not None:
+            store.retrying(lambda: store.client.hincrby(self.accounting_key, "published", count))
         TRAJECTORIES_PUBLISHED.inc(count)
         return entry_ids
 

@@ -16,9 +16,10 @@ import hashlib
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import structlog
 from prometheus_client import Counter
@@ -31,6 +32,7 @@ log = structlog.get_logger(__name__)
 
 # How often a producer waiting for room on a full stream polls it (jittered +-50%): every waiter at the same pace.
 ROOM_POLL_S = 0.02
+T = TypeVar("T")
 
 
 class BusError(RuntimeError):
@@ -56,6 +58,48 @@ class BusUnavailable(BusError):
 
 class BusPermissionDenied(BusError):
     """The bus user may not run this command on this key (Redis ACL NOPERM); see docs/security.md."""
+
+
+@dataclass(frozen=True)
+class Guarantees:
+    """What a transport promises. Nodes ask for these (`Transport.guarantees`, `Transport.ledger()`), never for a
+    transport class; docs/wire-protocol.md has the table.
+
+    acks: a delivered entry stays pending until acked; `ack`, `nack` (to the dead stream) and `requeue` are real.
+    redelivery: the pending entries of a consumer that stopped are claimed by another after their lease
+    (`claim_stale`), so a dead rollout node's tasks are done by the others.
+    persistence: entries outlive every process that handled them (a broker; with its AOF also its restart).
+    shared_groups: several consumer processes read one consumer group, each entry delivered to one of them
+    (learner ranks, rollout nodes on one task stream).
+    ledger: a store shared by every node, where accounting counts and trained-once marks are kept exactly once
+    (`ledger()`); without it each process counts what it saw, and dedup is per process.
+    """
+
+    acks: bool
+    redelivery: bool
+    persistence: bool
+    shared_groups: bool
+    ledger: bool
+
+    def require(self, transport: str, needs: dict[str, str]) -> None:
+        """Raise ConfigError naming `bus.type` when a guarantee in `needs` (name -> what needs it) is missing."""
+        from bus.settings import ConfigError  # bus.settings imports pydantic: only here, on a refusal's path
+
+        missing = [f"{name} (for {why})" for name, why in needs.items() if not getattr(self, name)]
+        if missing:
+            raise ConfigError(
+                f'bus.type: {transport} does not guarantee {", ".join(missing)}; use bus.type = "redis" '
+                '(docs/wire-protocol.md, "What each transport guarantees")'
+            )
+
+
+class LedgerStore(Protocol):
+    """The shared store of `Guarantees.ledger`: a redis-py client on the bus's Redis and the transport's reconnecting
+    call wrapper."""
+
+    client: Any
+
+    def retrying(self, op: Callable[[], T]) -> T: ...
 
 
 @dataclass(slots=True)
@@ -103,6 +147,11 @@ class Transport(ABC):
     """
 
     name: str = "transport"
+    guarantees: ClassVar[Guarantees]
+
+    def ledger(self) -> LedgerStore | None:
+        """The shared store for exactly-once accounting and dedup, when `guarantees.ledger` (else None)."""
+        return None
 
     def __init__(self, config: BusConfig) -> None:
         self.config = config

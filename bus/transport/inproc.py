@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from bus.config import BusConfig
-from bus.transport.base import BusError, DeadLetter, Delivery, Transport
+from bus.transport.base import BusError, DeadLetter, Delivery, Guarantees, Transport
 
 Fields = dict[str, bytes | str | int | float]
 
@@ -89,6 +89,8 @@ class InProcTransport(Transport):
     """A handle on an `InProcBroker`; each handle keeps its own consumers' re-read cursors, like a connection."""
 
     name = "inproc"
+    # Redis Streams' semantics in one process: nothing outlives it, and no store is shared with other processes.
+    guarantees = Guarantees(acks=True, redelivery=True, persistence=False, shared_groups=True, ledger=False)
 
     def __init__(self, config: BusConfig, url: str | None = None) -> None:
         super().__init__(config)

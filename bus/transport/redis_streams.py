@@ -22,7 +22,16 @@ from redis.retry import Retry
 
 from bus.config import BusConfig
 from bus.field_rules import show
-from bus.transport.base import Backoff, BusError, BusPermissionDenied, BusUnavailable, DeadLetter, Delivery, Transport
+from bus.transport.base import (
+    Backoff,
+    BusError,
+    BusPermissionDenied,
+    BusUnavailable,
+    DeadLetter,
+    Delivery,
+    Guarantees,
+    Transport,
+)
 from telemetry.metrics import BUS_RECONNECTS
 
 log = structlog.get_logger(__name__)
@@ -71,6 +80,10 @@ class RedisTransport(Transport):
     atomic trim of acked entries, reconnection."""
 
     name = "redis"
+    guarantees = Guarantees(acks=True, redelivery=True, persistence=True, shared_groups=True, ledger=True)
+
+    def ledger(self) -> RedisTransport:
+        return self
 
     def __init__(self, config: BusConfig, url: str | None = None) -> None:
         super().__init__(config)

@@ -29,7 +29,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from bus.config import BusConfig
-from bus.transport.base import BackpressureTimeout, BusError, DeadLetter, Delivery, Transport
+from bus.transport.base import BackpressureTimeout, BusError, DeadLetter, Delivery, Guarantees, Transport
 from telemetry.metrics import BUS_BACKPRESSURE_WAIT
 
 log = structlog.get_logger(__name__)
@@ -51,6 +51,8 @@ class ZmqTransport(Transport):
     """PUSH/PULL over one endpoint. Sockets are made on first use: `publish` connects, `ensure_group`/`consume` bind."""
 
     name = "zmq"
+    # No broker: a payload lives in one process's queue; one consumer binds an endpoint (see the module docstring).
+    guarantees = Guarantees(acks=False, redelivery=False, persistence=False, shared_groups=False, ledger=False)
 
     def __init__(self, config: BusConfig, endpoint: str | None = None) -> None:
         super().__init__(config)
