@@ -197,10 +197,43 @@ class RunConfig(Section):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="base random seed; each node and rank derives its own")
 
 
-class ModelConfig(Section):
-    """The policy model: any local Hugging Face causal-LM folder (config, safetensors, tokenizer)."""
+class HubSource(Section):
+    """How `from_pretrained` may resolve a model named by a path: a local folder, or a Hugging Face Hub id."""
 
-    path: str = Field("runs/demo/model", min_length=1, description="local HF checkpoint folder")
+    local_files_only: bool = Field(
+        False, description="never reach the Hugging Face Hub: a Hub id must already be in the local cache (HF_HOME)"
+    )
+    trust_remote_code: bool = Field(
+        False, description="run a model's own Python code (a Hub repository's modeling files): only for ones you trust"
+    )
+
+    def pretrained_kwargs(self) -> dict[str, bool]:
+        """The keyword arguments every `from_pretrained` of this model takes."""
+        return {"local_files_only": self.local_files_only, "trust_remote_code": self.trust_remote_code}
+
+
+def load_pretrained(loader: Any, path: str, source: HubSource, field: str = "model.path", **kwargs: Any) -> Any:
+    """`loader.from_pretrained(path, ...)` (an Auto class of transformers), with a ConfigError naming `field`, the
+    path and both `source` settings when the model cannot be found or loaded that way."""
+    try:
+        return loader.from_pretrained(path, **source.pretrained_kwargs(), **kwargs)
+    except (OSError, ValueError) as exc:
+        where = "a local folder" if Path(path).exists() else "no local folder, so a Hub id"
+        raise ConfigError(
+            f"{field}: cannot load {path!r} ({where}; model.local_files_only={source.local_files_only}, "
+            f"model.trust_remote_code={source.trust_remote_code}): {exc}"
+        ) from exc
+
+
+class ModelConfig(HubSource):
+    """The policy model: a local Hugging Face causal-LM folder (config, safetensors, tokenizer) or a Hub id."""
+
+    path: str = Field(
+        "runs/demo/model",
+        min_length=1,
+        description="local HF checkpoint folder, or a Hugging Face Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) on hosts "
+        "that reach the Hub (or have it cached: local_files_only)",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="parameter dtype for generation; the learner keeps float32 master weights"
     )

@@ -14,7 +14,7 @@ own state file (the world grew) takes rank 0's run state and keeps its fresh RNG
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import os
 import random
 import shutil
@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM
 
 from learner_node.model import Runtime, full_state_dict
 from telemetry.metrics import LEARNER_CHECKPOINT_DURATION
@@ -120,16 +120,19 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def export_hf(policy: nn.Module, model_path: str, tokenizer: Any, out_dir: str | Path, runtime: Runtime) -> Path:
+def export_hf(policy: nn.Module, tokenizer: Any, out_dir: str | Path, runtime: Runtime) -> Path:
     """Write the policy as an HF folder (`save_pretrained`: config, safetensors, tokenizer, generation config) that
     `AutoModelForCausalLM.from_pretrained` and SGLang load. Collective (the weights are gathered); rank 0 writes."""
     state = full_state_dict(policy)
     out = Path(out_dir)
     if runtime.rank == 0:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path, local_files_only=True))
+        # The loaded policy's own config and generation config: nothing is read again from model_path (a Hub id
+        # would be fetched twice, a changed local folder would not match the weights).
+        config = copy.deepcopy(policy.config)
+        config.use_cache = True  # the learner turned it off for training; generation wants it
+        model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(state)
-        with contextlib.suppress(OSError):  # the source had no generation_config.json: keep the default one
-            model.generation_config = GenerationConfig.from_pretrained(model_path, local_files_only=True)
+        model.generation_config = copy.deepcopy(policy.generation_config)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         log.info("HF export written", path=str(out))

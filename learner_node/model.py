@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from bus.settings import HubSource, load_pretrained
 from learner_node.batching import Batch, response_logits
 from learner_node.config import LearnerConfig
 
@@ -96,12 +97,17 @@ def shard(module: nn.Module, runtime: Runtime) -> nn.Module:
 
 
 def load_policy(
-    path: str, runtime: Runtime, *, trainable: bool = True, activation_checkpointing: bool = False
+    path: str,
+    runtime: Runtime,
+    *,
+    trainable: bool = True,
+    activation_checkpointing: bool = False,
+    source: HubSource | None = None,
 ) -> PreTrainedModel:
-    """The HF causal LM at `path` in float32 (master weights), sharded, without dropout; frozen unless trainable.
-    activation_checkpointing: each transformer block keeps only its inputs for the backward and recomputes the rest
-    (`checkpoint_blocks`)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    """The HF causal LM at `path` (a local folder, or a Hub id as `source` allows) in float32 (master weights),
+    sharded, without dropout; frozen unless trainable. activation_checkpointing: each transformer block keeps only its
+    inputs for the backward and recomputes the rest (`checkpoint_blocks`)."""
+    model = load_pretrained(AutoModelForCausalLM, path, source or HubSource(), dtype=torch.float32)
     model.to(runtime.device)
     model.config.use_cache = False  # training forwards never want a KV cache; generation passes its own
     model.eval()  # no dropout: the learner's logprobs must be the distribution the rollouts sampled from

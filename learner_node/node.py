@@ -38,6 +38,7 @@ from transformers import AutoTokenizer
 from bus.consumer import MessageConsumer
 from bus.dedup import Dedup, MemoryDedup, RedisDedup
 from bus.schema import Group, Preference, Sampling, Trajectory
+from bus.settings import load_pretrained
 from bus.transport import setup_transport
 from envs.config import TRAIN_SPLIT
 from envs.render import render_preference
@@ -110,7 +111,7 @@ class LearnerNode:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.model.path, local_files_only=True)
+        self.tokenizer = load_pretrained(AutoTokenizer, settings.model.path, settings.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.step = self.version = 0
         self.stop = threading.Event()
@@ -149,10 +150,13 @@ class LearnerNode:
     # --- construction --------------------------------------------------------------------------------------------
     def _build_model(self) -> None:
         cfg, path = self.cfg, self.settings.model.path
-        self.policy = load_policy(path, self.runtime, activation_checkpointing=cfg.activation_checkpointing)
+        source = self.settings.model
+        self.policy = load_policy(
+            path, self.runtime, activation_checkpointing=cfg.activation_checkpointing, source=source
+        )
         self.value_head = build_value_head(self.policy, self.runtime) if cfg.algorithm == "ppo" else None
         needs_reference = cfg.beta > 0 or cfg.algorithm == "dpo"
-        self.reference = load_policy(path, self.runtime, trainable=False) if needs_reference else None
+        self.reference = load_policy(path, self.runtime, trainable=False, source=source) if needs_reference else None
         trained = {"policy": self.policy} | ({"value_head": self.value_head} if self.value_head is not None else {})
         self.trained = nn.ModuleDict(trained)  # one module for the checkpoint's state dict helpers
         self.optimizer = build_optimizer(cfg, list(trained.values()))
@@ -282,7 +286,7 @@ class LearnerNode:
             code = 1 if exc.failed else 0
         self._checkpoint()
         if cfg.export_hf:
-            export_hf(self.policy, self.settings.model.path, self.tokenizer, self._out("hf"), self.runtime)
+            export_hf(self.policy, self.tokenizer, self._out("hf"), self.runtime)
         self._summary()
         self.close()
         return code

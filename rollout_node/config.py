@@ -200,5 +200,5 @@ class RolloutSettings(NodeSettings):
     def torch_engine_config(self) -> TorchEngineConfig:
         """`[rollout.torch]` with model_path and dtype taken from `[model]` unless it sets them itself."""
         given = self.rollout.torch.model_fields_set
-        defaults = {"model_path": self.model.path, "dtype": self.model.dtype}
+        defaults = {"model_path": self.model.path, "dtype": self.model.dtype} | self.model.pretrained_kwargs()
         return self.rollout.torch.model_copy(update={k: v for k, v in defaults.items() if k not in given})

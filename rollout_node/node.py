@@ -28,6 +28,7 @@ import structlog
 from bus.codec import encode
 from bus.consumer import MessageConsumer
 from bus.schema import Heartbeat, Join, Leave, NodeEvent, Task
+from bus.settings import ModelConfig, load_pretrained
 from bus.transport import Transport, setup_transport
 from envs import RewardSet
 from rollout_node.config import RolloutSettings
@@ -54,14 +55,14 @@ def build_engine(settings: RolloutSettings) -> Engine:
     return SGLangEngine.from_config(settings.sglang_config())
 
 
-def load_tokenizer(engine: Engine, model_path: str) -> Any:
-    """The engine's tokenizer when it has one, else the checkpoint's (local files only)."""
+def load_tokenizer(engine: Engine, model: ModelConfig) -> Any:
+    """The engine's tokenizer when it has one, else the checkpoint's (`[model]`: a local folder or a Hub id)."""
     tokenizer = getattr(engine, "tokenizer", None)
     if tokenizer is not None:
         return tokenizer
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    return load_pretrained(AutoTokenizer, model.path, model)
 
 
 class RolloutNode:
@@ -96,7 +97,7 @@ class RolloutNode:
         if self.engine is None:
             self.engine = build_engine(self.settings)
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.engine, self.settings.model.path)
+            self.tokenizer = load_tokenizer(self.engine, self.settings.model)
         self._note_version(self.engine.version)
         bus = self.settings.bus
         self.transport = setup_transport(bus)

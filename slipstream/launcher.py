@@ -42,7 +42,9 @@ class UpConfig(Section):
 
     rollout_nodes: int = Field(1, ge=1, le=64, description="rollout node processes to start")
     build_demo_model: bool = Field(
-        True, description="write the tiny demo model to model.path first when that folder holds no config.json"
+        False,
+        description="write the tiny demo model to model.path first when that folder holds no config.json (the demo "
+        "configs set it); off, a model.path that is no local folder is a Hub id the nodes load",
     )
     demo_model: DemoModelSpec = Field(
         default_factory=DemoModelSpec, description="shape and seed of the demo model built when model.path has none"
@@ -114,11 +116,15 @@ class Cluster:
             self._spawn(f"rollout-{i}", "rollout", env, own, pipe=False)
 
     def _prepare_model(self) -> None:
+        """Build the demo model where asked; a path that is no local folder is left to the nodes as a Hub id."""
         path = Path(self.settings.model.path)
         if (path / "config.json").exists():
             return
         if not self.settings.up.build_demo_model:
-            raise SystemExit(f"model.path {path}: no config.json there and up.build_demo_model is false")
+            if path.exists():
+                raise SystemExit(f"model.path {path}: a folder without config.json (and up.build_demo_model is false)")
+            print(f"model.path {path}: no local folder, loaded as a Hugging Face Hub id", file=self.out)
+            return
         from slipstream.demo_model import build_demo_model
 
         build_demo_model(path, **self.settings.up.demo_model.model_dump())

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, NonNegativeInt
 
 from bus.schema import Sampling
-from bus.settings import Section
+from bus.settings import HubSource
 
 if TYPE_CHECKING:
     import torch
@@ -198,11 +198,14 @@ class Engine(abc.ABC):
         """End the calls in flight (as `abort` does) and release the engine's resources (connections, memory)."""
 
 
-class TorchEngineConfig(Section):
+class TorchEngineConfig(HubSource):
     """The `[rollout.engine]`-style settings of the built-in PyTorch engine (torch-free, so settings load fast)."""
 
     model_path: str = Field(
-        "runs/demo-model", min_length=1, max_length=4096, description="local HF checkpoint folder (model + tokenizer)"
+        "runs/demo-model",
+        min_length=1,
+        max_length=4096,
+        description="local HF checkpoint folder (model + tokenizer) or a Hub id",
     )
     device: str = Field(
         "cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="torch device to run on: cpu, cuda, cuda:N or mps"

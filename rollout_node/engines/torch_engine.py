@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from bus.schema import Sampling
+from bus.settings import load_pretrained
 from rollout_node.engines.base import (
     Engine,
     FinishReason,
@@ -76,13 +77,14 @@ class TorchEngine(Engine):
 
     @classmethod
     def from_config(cls, config: TorchEngineConfig, version: int = 0) -> TorchEngine:
-        """Load the checkpoint and tokenizer from `config.model_path` (a local folder; never the network)."""
+        """Load the checkpoint and tokenizer from `config.model_path` (a local folder, or a Hub id as
+        `config.local_files_only` / `trust_remote_code` allow)."""
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        model = AutoModelForCausalLM.from_pretrained(
-            config.model_path, dtype=getattr(torch, config.dtype), local_files_only=True
-        ).to(config.device)
-        tokenizer = AutoTokenizer.from_pretrained(config.model_path, local_files_only=True)
+        path, field = config.model_path, "model_path"
+        model = load_pretrained(AutoModelForCausalLM, path, config, field, dtype=getattr(torch, config.dtype))
+        model.to(config.device)
+        tokenizer = load_pretrained(AutoTokenizer, path, config, field)
         log.info("torch engine loaded", model_path=config.model_path, device=config.device, version=version)
         return cls(model, tokenizer, config, version)
 

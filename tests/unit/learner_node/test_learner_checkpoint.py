@@ -89,7 +89,7 @@ def test_hf_export_loads_with_auto_classes(model_path: str, tmp_path: Path) -> N
     runtime = init_distributed(LearnerConfig())
     policy, _, _ = train_a_little(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    out = export_hf(policy, model_path, tokenizer, tmp_path / "hf", runtime)
+    out = export_hf(policy, tokenizer, tmp_path / "hf", runtime)
     loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     trained = full_state_dict(policy)
     for name, tensor in loaded.state_dict().items():
