@@ -97,10 +97,10 @@ class SamplingParams(_Body):
     temperature: float = Field(1.0, ge=0, le=1e4, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(-1, ge=-1, le=2**31 - 1)
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=64)
+    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=32)  # SGLang's MAX_STOP_COUNT
     stop_token_ids: list[TokenId] | None = Field(None, max_length=1024)
     n: int = Field(1, ge=1, le=4096)
-    sampling_seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    sampling_seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # SGLang's int64 range
     no_stop_trim: bool = False
     skip_special_tokens: Literal[True] = True
     spaces_between_special_tokens: bool = True
@@ -130,8 +130,14 @@ class SamplingParams(_Body):
         )
 
 
-class GenerateRequest(_Body):
-    """SGLang's `GenerateReqInput`, token-id prompts only. One prompt (a flat list) is held as a batch of one."""
+class GenerateRequest(BaseModel):
+    """SGLang's `GenerateReqInput`, token-id prompts only. One prompt (a flat list) is held as a batch of one.
+
+    Unknown top-level keys are ignored, as SGLang ignores them (`api_types.GenerateRequest`); unknown sampling keys are
+    refused, as SGLang refuses them. Fields SGLang serves and this engine cannot (text prompts, streaming, top
+    logprobs) are refused by name."""
+
+    model_config = ConfigDict(extra="ignore")
 
     input_ids: Annotated[list[Prompt], Field(min_length=1, max_length=65536)]
     sampling_params: Annotated[list[SamplingParams], Field(min_length=1), BeforeValidator(_as_list)] = Field(
@@ -144,6 +150,17 @@ class GenerateRequest(_Body):
     stream: Literal[False] = False
     text: None = None
     rid: str | list[str] | None = None
+    # SGLang fields that would change what comes back, which this engine does not serve: refused by name if set.
+    token_ids_logprob: None = None
+    return_hidden_states: Literal[False, None] = None
+    return_prompt_token_ids: Literal[False] = False
+    input_embeds: None = None
+    image_data: None = None
+    video_data: None = None
+    audio_data: None = None
+    lora_path: None = None
+    session_params: None = None
+    custom_logit_processor: None = None
     _single: bool = PrivateAttr(False)  # the input was one prompt, not a batch
 
     @model_validator(mode="wrap")

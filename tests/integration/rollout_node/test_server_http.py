@@ -174,6 +174,7 @@ def test_update_weight_version_relabels_what_every_route_reports(server: ServerH
         ({"input_ids": [[10**6]]}, "prompts[0]"),  # the engine's own check, passed on as a 400
         ({"input_ids": [[5], [6]], "sampling_params": [{"n": 1}, {"n": 2}]}, "sampling_params"),
         ({"input_ids": [[5]], "lora_path": "x"}, "lora_path"),
+        ({"input_ids": [[5]], "sampling_params": {"stop": [str(i) for i in range(33)]}}, "sampling_params.0.stop"),
     ],
 )
 def test_invalid_fields_get_a_400_that_names_them(server: ServerHandle, body: dict[str, Any], names: str) -> None:
@@ -206,6 +207,15 @@ def test_malformed_oversized_and_slow_bodies_get_4xx_never_500(server: ServerHan
             "Content-Length: 100\r\n\r\n{}".encode()
         )
         assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+
+
+def test_what_sglang_ignores_or_accepts_is_served_as_sglang_serves_it(server: ServerHandle) -> None:
+    # SGLang ignores unknown top-level keys (api_types.GenerateRequest) and takes any int64 sampling_seed.
+    body = {"input_ids": [[5, 6]], "priority": 3, "routing_key": "a", "sampling_params": {"max_new_tokens": 2}}
+    assert post(server, "/generate", body).status_code == 200
+    seeded = {"input_ids": [[5, 6]], "sampling_params": {"max_new_tokens": 3, "sampling_seed": -(2**63)}}
+    first, again = (post(server, "/generate", seeded).json()[0]["output_ids"] for _ in range(2))
+    assert first == again and len(first) == 3
 
 
 def test_weight_routes_refuse_a_group_they_cannot_join_with_400(server: ServerHandle) -> None:
