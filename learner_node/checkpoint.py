@@ -28,9 +28,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from transformers import AutoModelForCausalLM
 
+from bus.settings import HubSource
 from learner_node.model import Runtime, full_state_dict
 from telemetry.metrics import LEARNER_CHECKPOINT_DURATION
 
@@ -120,20 +126,25 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def export_hf(policy: nn.Module, tokenizer: Any, out_dir: str | Path, runtime: Runtime) -> Path:
+def export_hf(
+    policy: nn.Module, tokenizer: Any, out_dir: str | Path, runtime: Runtime, *, max_shard_mb: int = 5000
+) -> Path:
     """Write the policy as an HF folder (`save_pretrained`: config, safetensors, tokenizer, generation config) that
-    `AutoModelForCausalLM.from_pretrained` and SGLang load. Collective (the weights are gathered); rank 0 writes."""
+    `AutoModelForCausalLM.from_pretrained` and SGLang load, in the dtype of the checkpoint it was loaded from (a
+    bfloat16 model exports bfloat16; the learner's float32 master weights are rounded once, here), in safetensors
+    shards of at most `max_shard_mb` with an index past that. Collective (the weights are gathered); rank 0 writes."""
     state = full_state_dict(policy)
     out = Path(out_dir)
     if runtime.rank == 0:
         # The loaded policy's own config and generation config: nothing is read again from model_path (a Hub id
         # would be fetched twice, a changed local folder would not match the weights).
+        dtype = getattr(policy, "source_dtype", torch.float32)
         config = copy.deepcopy(policy.config)
         config.use_cache = True  # the learner turned it off for training; generation wants it
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(state)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
         model.generation_config = copy.deepcopy(policy.generation_config)
-        model.save_pretrained(out)
+        model.save_pretrained(out, max_shard_size=f"{max_shard_mb}MB")
         tokenizer.save_pretrained(out)
         log.info("HF export written", path=str(out))
     _barrier(runtime)
@@ -143,3 +154,32 @@ def export_hf(policy: nn.Module, tokenizer: Any, out_dir: str | Path, runtime: R
 def _barrier(runtime: Runtime) -> None:
     if runtime.world > 1:
         dist.barrier()
+
+
+def export_checkpoint(
+    checkpoint: str | Path, model_path: str, out_dir: str | Path, *, source: HubSource | None = None,
+    max_shard_mb: int = 5000,
+) -> Path:  # fmt: skip
+    """The policy of a DCP checkpoint (`checkpoint`: a step-N folder, or a checkpoints folder: its latest) as an HF
+    folder, like the learner's own export. `model_path` (the run's `model.path`) gives the architecture, the
+    tokenizer and the dtype; the weights are the checkpoint's. Runs as a world of one on CPU, in this process."""
+    from transformers import AutoTokenizer
+
+    from bus.settings import load_pretrained
+    from learner_node.config import LearnerConfig
+    from learner_node.model import init_distributed, load_policy
+
+    path = Path(checkpoint)
+    if (path / LATEST).exists():
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / "dcp").is_dir():
+        raise FileNotFoundError(f"checkpoint: {path} holds no dcp/ folder (a step-N folder of a learner's checkpoints)")
+    source = source or HubSource()
+    runtime = init_distributed(LearnerConfig(device="cpu"))
+    policy = load_policy(model_path, runtime, trainable=False, source=source)
+    trained = nn.ModuleDict({"policy": policy})  # the learner saves its trained modules under these names
+    state = get_model_state_dict(trained)
+    dcp.load({"model": state}, checkpoint_id=str(path / "dcp"))  # only the policy: the optimizer stays on disk
+    set_model_state_dict(trained, state)
+    tokenizer = load_pretrained(AutoTokenizer, model_path, source)
+    return export_hf(policy, tokenizer, out_dir, runtime, max_shard_mb=max_shard_mb)

@@ -288,7 +288,18 @@ class LearnerConfig(Section):
         0, ge=0, le=1_000_000, description="checkpoint every this many steps (0: only at the end)"
     )
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="newest checkpoints kept on disk")
-    export_hf: bool = Field(True, description="write an HF folder (save_pretrained) to <output_dir>/hf at the end")
+    export_hf: bool = Field(
+        True,
+        description="write an HF folder (save_pretrained, the source checkpoint's dtype) to <output_dir>/hf at the "
+        "end, and into each checkpoint's folder (step-N/hf) at checkpoint_every",
+    )
+    export_max_shard_mb: int = Field(
+        5000,
+        ge=1,
+        le=1_000_000,
+        description="largest safetensors file of an HF export; bigger models get shards "
+        "and an index (model.safetensors.index.json)",
+    )
     dedup_ttl_s: float = Field(
         7 * 86_400.0, gt=0, le=365 * 86_400, description="trained ids are remembered this long (duplicate check)"
     )

@@ -28,7 +28,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from bus.settings import HubSource, load_pretrained
 from learner_node.batching import Batch, response_logits
@@ -108,6 +108,9 @@ def load_policy(
     sharded, without dropout; frozen unless trainable. activation_checkpointing: each transformer block keeps only its
     inputs for the backward and recomputes the rest (`checkpoint_blocks`)."""
     model = load_pretrained(AutoModelForCausalLM, path, source or HubSource(), dtype=torch.float32)
+    # The dtype the checkpoint was saved in (config.json), which the float32 load overwrote: the HF export's dtype.
+    saved = load_pretrained(AutoConfig, path, source or HubSource())
+    model.source_dtype = _dtype(getattr(saved, "dtype", None) or getattr(saved, "torch_dtype", None))
     model.to(runtime.device)
     model.config.use_cache = False  # training forwards never want a KV cache; generation passes its own
     model.eval()  # no dropout: the learner's logprobs must be the distribution the rollouts sampled from
@@ -117,6 +120,13 @@ def load_policy(
         checkpoint_blocks(model)
     shard(model, runtime)
     return model
+
+
+def _dtype(value: Any) -> torch.dtype:
+    """A config's dtype (a torch.dtype or its name), float32 when it names none."""
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
 
 
 def checkpoint_blocks(module: nn.Module) -> int:

@@ -284,9 +284,9 @@ class LearnerNode:
         except StopRun as exc:
             log.warning("run stopped", reason=str(exc), step=self.step)
             code = 1 if exc.failed else 0
-        self._checkpoint()
+        self._checkpoint(export=False)  # the run's export goes to <output_dir>/hf
         if cfg.export_hf:
-            export_hf(self.policy, self.tokenizer, self._out("hf"), self.runtime)
+            export_hf(self.policy, self.tokenizer, self._out("hf"), self.runtime, max_shard_mb=cfg.export_max_shard_mb)
         self._summary()
         self.close()
         return code
@@ -512,7 +512,8 @@ class LearnerNode:
         log.info(event, **fields)
         self.tracker.record(event, fields, step=self.step)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, export: bool = True) -> None:
+        """Save a checkpoint of this step, with its HF export (`export_hf`) unless `export` is false."""
         if self._checkpointed == self.step:
             return
         self._checkpointed = self.step
@@ -523,7 +524,9 @@ class LearnerNode:
             "admission": self.admission.state_dict() if self.admission is not None else None,
             "dataset": self.dataset.state_dict(),
         }
-        self.checkpointer.save(self.step, self.trained, self.optimizer, state)
+        path = self.checkpointer.save(self.step, self.trained, self.optimizer, state)
+        if export and self.cfg.export_hf:
+            export_hf(self.policy, self.tokenizer, path / "hf", self.runtime, max_shard_mb=self.cfg.export_max_shard_mb)
 
     def _summary(self) -> None:
         if self.rank != 0:

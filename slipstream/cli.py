@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("keys", "generate ZeroMQ CURVE key pairs"),
     "acl": ("acl", "render the Redis ACL file (one user per role) and make its password files"),
     "demo-model": ("demo_model", "write the tiny HF-format demo model and tokenizer to a folder"),
+    "export": ("export", "turn a learner's DCP checkpoint into an HF folder"),
 }
 
 

@@ -100,3 +100,38 @@ def test_hf_export_loads_with_auto_classes(model_path: str, tmp_path: Path) -> N
     ids = torch.tensor([tokenizer.encode("3+4=", add_special_tokens=False)])
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5)
+
+
+def test_a_bf16_model_exports_bf16_in_shards_with_an_index(tmp_path: Path) -> None:
+    source = build_demo_model(tmp_path / "bf16", hidden_size=256, num_layers=4, intermediate_size=768)  # ~9 MB
+    model = AutoModelForCausalLM.from_pretrained(source)
+    model.to(torch.bfloat16).save_pretrained(source)  # a checkpoint saved in bfloat16, as most are
+    runtime = init_distributed(LearnerConfig())
+    policy = load_policy(str(source), runtime)
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}  # master weights
+    out = export_hf(policy, AutoTokenizer.from_pretrained(source), tmp_path / "hf", runtime, max_shard_mb=1)
+    assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("model-*.safetensors"))) > 1
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    master = full_state_dict(policy)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, master[name].to(torch.bfloat16)), name
+
+
+def test_slipstream_export_turns_a_checkpoint_into_the_same_hf_folder(model_path: str, tmp_path: Path) -> None:
+    from slipstream.cli import main
+
+    runtime = init_distributed(LearnerConfig())
+    policy, optimizer, _ = train_a_little(model_path)
+    trained = torch.nn.ModuleDict({"policy": policy})  # what the learner checkpoints
+    Checkpointer(tmp_path / "checkpoints", runtime).save(2, trained, optimizer, {"step": 2})
+    assert main(["export", str(tmp_path / "checkpoints"), str(tmp_path / "hf"), "--model", model_path]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    master = full_state_dict(policy)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, master[name]), name
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():  # the exported model computes what the trained policy computes
+        assert torch.allclose(loaded(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5)
+    with pytest.raises(SystemExit, match="holds no dcp/ folder"):
+        main(["export", str(tmp_path), str(tmp_path / "x"), "--model", model_path])
