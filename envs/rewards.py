@@ -5,7 +5,8 @@ list aligned with `completions` (e.g. `ground_truth=["7", "12"]`).
 In TOML a reward is picked by `function`: a built-in name or a user function's import path:
 
     [[task.rewards]]
-    function = "math"                     # built-ins: exact_match, math, format, length_penalty
+    function = "math"                     # built-ins: exact_match, numeric_closeness, math, format, length_penalty,
+                                          # reward_model (a learned one: path = a sequence-classification model)
     weight = 1.0
     [[task.rewards]]
     function = "my_project.rewards:brevity"
@@ -200,12 +201,94 @@ class LengthPenalty(Reward):
         return scores
 
 
+class RewardModel(Reward):
+    """A learned reward: an HF `AutoModelForSequenceClassification` (a local folder or a Hub id) scores each
+    (prompt, completion) pair, in batches, on `device`. The score is the logit `label_index`, then `normalize`:
+    "none", "sigmoid" (into (0, 1)), or "batch" (standardised over the call's completions: zero mean, unit spread,
+    a group-relative signal). A text prompt is joined to its completion; a conversation gets the completion as the
+    assistant's turn, through the reward model's chat template when it has one. The model loads on first use; a call
+    longer than `timeout_s` raises TimeoutError (the task scores 0 and counts a reward error, as any failing reward).
+    """
+
+    function: Literal["reward_model"] = "reward_model"
+    path: str = Field(min_length=1, max_length=4096, description="local HF sequence-classification folder or Hub id")
+    local_files_only: bool = Field(False, description="never reach the Hugging Face Hub (the local cache only)")
+    trust_remote_code: bool = Field(False, description="run the model repository's own Python code")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="torch device of the reward model")
+    batch_size: int = Field(16, ge=1, le=4096, description="pairs per forward pass")
+    max_length: int = Field(1024, ge=8, le=131072, description="tokens per pair; longer ones keep their end")
+    label_index: int = Field(0, ge=0, le=1023, description="which output logit is the score")
+    normalize: Literal["none", "sigmoid", "batch"] = Field("none", description="how the logit becomes the reward")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="longest one call may take")
+    _loaded: Any = PrivateAttr(None)
+    _pool: Any = PrivateAttr(None)
+
+    def __call__(self, completions: list[str], prompts: list[Any] | None = None, **_: Any) -> list[float]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if prompts is None or len(prompts) != len(completions):
+            raise ValueError(f"{self.label}: needs prompts, one per completion")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="reward-model")
+        try:
+            logits = self._pool.submit(self._logits, prompts, completions).result(timeout=self.timeout_s)
+        except TimeoutError:  # concurrent.futures' own since Python 3.11
+            raise TimeoutError(f"{self.label}: scoring {len(completions)} pairs took over {self.timeout_s}s") from None
+        if self.normalize == "sigmoid":
+            return [1.0 / (1.0 + math.exp(-v)) for v in logits]
+        if self.normalize == "batch" and len(logits) > 1:
+            mean = sum(logits) / len(logits)
+            spread = math.sqrt(sum((v - mean) ** 2 for v in logits) / len(logits))
+            return [(v - mean) / spread if spread > 1e-8 else 0.0 for v in logits]
+        return logits
+
+    def _load(self) -> Any:
+        if self._loaded is None:
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            options = {"local_files_only": self.local_files_only, "trust_remote_code": self.trust_remote_code}
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.path, **options)
+                model = AutoModelForSequenceClassification.from_pretrained(self.path, **options)
+            except (OSError, ValueError) as exc:
+                raise ValueError(
+                    f"{self.label}.path: cannot load {self.path!r} (local_files_only={self.local_files_only}, "
+                    f"trust_remote_code={self.trust_remote_code}): {exc}"
+                ) from exc
+            tokenizer.truncation_side = "left"  # keep the completion, which is at the end
+            self._loaded = (tokenizer, model.to(self.device).eval())
+        return self._loaded
+
+    def _logits(self, prompts: list[Any], completions: list[str]) -> list[float]:
+        import torch
+
+        tokenizer, model = self._load()
+        texts = [self._pair(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+        scores: list[float] = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
+                                  truncation=True, max_length=self.max_length).to(self.device)  # fmt: skip
+                scores += model(**batch).logits[:, self.label_index].float().tolist()
+        return scores
+
+    @staticmethod
+    def _pair(tokenizer: Any, prompt: Any, completion: str) -> str:
+        if isinstance(prompt, list):  # a conversation: the completion is the assistant's turn
+            messages = [*prompt, {"role": "assistant", "content": completion}]
+            if getattr(tokenizer, "chat_template", None):
+                return str(tokenizer.apply_chat_template(messages, tokenize=False))
+            return "\n".join(str(m.get("content", "")) for m in messages)
+        return f"{prompt}{completion}"
+
+
 BUILTIN_REWARDS: dict[str, type[Reward]] = {
     "exact_match": ExactMatch,
     "numeric_closeness": NumericCloseness,
     "math": MathAnswer,
     "format": FormatTags,
     "length_penalty": LengthPenalty,
+    "reward_model": RewardModel,
 }
 
 
@@ -249,6 +332,7 @@ RewardSpec = Annotated[
     | Annotated[MathAnswer, Tag("math")]
     | Annotated[FormatTags, Tag("format")]
     | Annotated[LengthPenalty, Tag("length_penalty")]
+    | Annotated[RewardModel, Tag("reward_model")]
     | Annotated[UserFunction, Tag("user")],
     Discriminator(_reward_kind),
 ]
