@@ -35,13 +35,11 @@ import hmac
 import json
 import re
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Annotated, Any, Literal
 
 import structlog
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -49,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bus.schema import MessageError, Sampling, Trajectory, new_id
 from rollout_node.config import NAME_PATTERN, RolloutConfig
 from rollout_node.engines.base import Engine, Sample, error_reason
-from rollout_node.server import HeadTimeoutH11
+from rollout_node.server import ServerHandle, serve_in_thread
 from rollout_node.sessions import ProxyError, RewardRequest, SessionStore
 from rollout_node.tool_calls import parse_tool_calls
 from telemetry.metrics import ROLLOUT_ENGINE_ERRORS, ROLLOUT_PROXY_SESSIONS
@@ -161,49 +159,28 @@ class AgentProxy:
         self.sessions = SessionStore(config.proxy_session_ttl_s, config.proxy_max_sessions)
         self.created = int(time.time())
         self.app = self._build_app()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: ServerHandle | None = None
 
     # --- server --------------------------------------------------------------------------------------------------
     @property
     def url(self) -> str:
         assert self._server is not None, "the proxy is not started"
-        port = self._server.servers[0].sockets[0].getsockname()[1]
         wildcard = self.config.proxy_host in ("0.0.0.0", "::")
-        return f"http://{socket.gethostname() if wildcard else self.config.proxy_host}:{port}"
+        return f"http://{socket.gethostname() if wildcard else self.config.proxy_host}:{self._server.port}"
 
     def start(self) -> AgentProxy:
         """Serve on `proxy_host:proxy_port` (0: a free port, see `url`); returns once listening."""
         assert self.config.proxy_port is not None, "rollout.proxy_port is not set"
-        config = uvicorn.Config(
-            self.app,
-            host=self.config.proxy_host,
-            port=self.config.proxy_port,
-            log_config=None,
-            log_level="warning",
-            access_log=False,
-            http=HeadTimeoutH11,  # a connection that never completes a request head is closed
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="agent-proxy", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise OSError(f"agent proxy: could not serve on {self.config.proxy_host}:{self.config.proxy_port}")
-            time.sleep(0.01)
+        self._server = serve_in_thread(self.app, self.config.proxy_host, self.config.proxy_port, START_TIMEOUT_S,
+                                       lifespan=True)  # fmt: skip
         log.info("agent proxy serving", url=self.url, token_required=self.token is not None)
         return self
 
     def stop(self) -> None:
         """Stop listening; calls in flight get STOP_TIMEOUT_S to finish; open sessions are abandoned."""
-        if self._server is None or self._thread is None:
+        if self._server is None:
             return
-        self._server.should_exit = True
-        self._thread.join(timeout=STOP_TIMEOUT_S)
-        if self._thread.is_alive():
-            self._server.force_exit = True
-            self._thread.join(timeout=STOP_TIMEOUT_S)
+        self._server.stop(STOP_TIMEOUT_S)
         for session_id in list(self.sessions.open):
             self.sessions.drop(session_id)
 

@@ -562,11 +562,13 @@ class ServerHandle:
 
 
 def serve_in_thread(
-    app: ASGIApp, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 30.0
+    app: ASGIApp, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 30.0, *, lifespan: bool = False
 ) -> ServerHandle:
     """Serve `app` with uvicorn in a daemon thread; returns once it accepts connections (port 0: a free one).
 
     Logging goes through structlog (`log_config=None`, no access log); the calling thread keeps its signal handlers.
+    A connection that never completes a request head is closed (`HeadTimeoutH11`). lifespan: run the app's
+    startup/shutdown (e.g. a background task it starts).
     """
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -583,7 +585,7 @@ def serve_in_thread(
         access_log=False,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=5,
-        lifespan="off",
+        lifespan="on" if lifespan else "off",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"http-{bound_port}", daemon=True)
