@@ -19,11 +19,12 @@ torch and transformers; this project's other dependencies travel as wheels (benc
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from typing import Any
+
+from bench._report import print_report
 
 SIZES: dict[str, dict[str, int]] = {
     "qwen2-0.5b": {
@@ -70,11 +71,7 @@ def main(argv: list[str]) -> int:
         parser.error("--device cuda: no GPU is visible")
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         report = _run(args, device, tmp)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key:28s} {value}")
+    print_report(report, args.json)
     return 0
 
 

@@ -14,7 +14,6 @@ Rounds alternate learner and baseline steps so both see the same (noisy, shared)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -22,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from bench._report import print_report
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -153,10 +154,7 @@ def main(argv: list[str]) -> int:
         "model": f"hidden {args.hidden}, {args.layers} layers",
         "steps": args.steps,
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:24s} {value}")
+    print_report(result, args.json, key_width=24)
+    if not args.json:
         print(f"learner_ratio {result['learner_ratio']:.3f} (goal >= 0.85)")
     return 0

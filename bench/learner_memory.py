@@ -17,6 +17,8 @@ import sys
 import tempfile
 from typing import Any
 
+from bench._report import print_report
+
 MODEL = {  # ~73M parameters: 10 blocks of 640 wide, a 32000-token vocabulary (tied)
     "hidden_size": 640,
     "num_layers": 10,
@@ -66,11 +68,7 @@ def main(argv: list[str]) -> int:
         "speed_ratio": round(ckpt["tokens_per_s"] / base["tokens_per_s"], 3),
         "same_loss": base["losses"] == ckpt["losses"],
     }
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key:28s} {value}")
+    print_report(report, args.json)
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing as mp
 import queue
 import sys
@@ -39,6 +38,7 @@ import psutil
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench._report import print_report
 from bus.codec import encode
 from bus.config import BusConfig
 from bus.consumer import MessageConsumer
@@ -540,11 +540,7 @@ def main(argv: list[str]) -> int:
         result = run_soak(server.url, spec, server.process.pid)
         result.raw_throughput = raw_throughput(server.url, spec)
     figures = result.summary()
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        for key, value in figures.items():
-            print(f"{key:30s} {value}")
+    print_report(figures, args.json, key_width=30)
     return 0
 
 

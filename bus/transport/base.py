@@ -26,6 +26,7 @@ from prometheus_client import Counter
 
 from bus.codec import member_count
 from bus.config import MAX_REASON_CHARS, BusConfig
+from bus.settings import ConfigError
 from telemetry.metrics import BUS_BACKPRESSURE_WAIT, BUS_MESSAGES
 
 log = structlog.get_logger(__name__)
@@ -83,8 +84,6 @@ class Guarantees:
 
     def require(self, transport: str, needs: dict[str, str]) -> None:
         """Raise ConfigError naming `bus.type` when a guarantee in `needs` (name -> what needs it) is missing."""
-        from bus.settings import ConfigError  # bus.settings imports pydantic: only here, on a refusal's path
-
         missing = [f"{name} (for {why})" for name, why in needs.items() if not getattr(self, name)]
         if missing:
             raise ConfigError(
