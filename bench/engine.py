@@ -93,8 +93,9 @@ def measure_http_overhead(setup: Setup) -> dict[str, Any]:
     from rollout_node.engines.base import TorchEngineConfig
     from rollout_node.engines.sglang import SGLangEngine
     from rollout_node.engines.torch_engine import TorchEngine
-    from rollout_node.server import build_app, serve_in_thread
+    from rollout_node.server import build_app
     from rollout_node.server_config import SGLangConfig
+    from telemetry.http import serve_in_thread
 
     args = setup.args
     engine = TorchEngine.from_config(

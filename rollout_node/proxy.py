@@ -47,9 +47,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bus.schema import MessageError, Sampling, Trajectory, new_id
 from rollout_node.config import NAME_PATTERN, RolloutConfig
 from rollout_node.engines.base import Engine, Sample, error_reason
-from rollout_node.server import ServerHandle, serve_in_thread
 from rollout_node.sessions import ProxyError, RewardRequest, SessionStore
 from rollout_node.tool_calls import parse_tool_calls
+from telemetry.http import ServerHandle, serve_in_thread
 from telemetry.metrics import ROLLOUT_ENGINE_ERRORS, ROLLOUT_PROXY_SESSIONS
 
 log = structlog.get_logger(__name__)

@@ -1,4 +1,4 @@
-"""`/metrics` and `/healthz` of a node, served from daemon threads by the stdlib HTTP server.
+"""`/metrics` and `/healthz` of a node, served by `telemetry.http.serve_in_thread` (uvicorn, as every node's HTTP).
 
     with TelemetryServer("127.0.0.1", 0, readiness=lambda: (bus.connected, {"policy_version": v})) as server:
         print(server.url)   # http://127.0.0.1:<free port>
@@ -8,28 +8,29 @@
   "ready": false, ...}` when the readiness callable says not ready, raises, or does not answer in time.
 - `GET /healthz?probe=live`: liveness only (the process serves HTTP); never calls the readiness callable.
 
-Anything else is refused with a 4xx: 404 unknown path, 405 other methods, 400 bad query or request line, 414 long
-target, 431 large headers. One request per connection, and every socket read has a timeout, so a slow or silent
-client cannot hold the server.
+Anything else is refused with a 4xx: 404 unknown path, 405 other methods, 400 a bad query or a request uvicorn's
+HTTP parser refuses (a malformed request line or header, no Host in HTTP/1.1, a head over 16 KiB arriving in
+parts), 414 a long target, 431 many or large headers, 505 an HTTP version other than 1.0 and 1.1. A request head
+must arrive within `request_timeout_s`, so a slow or silent client cannot hold a connection.
 """
 
 from __future__ import annotations
 
 import json
-import socket
-import socketserver
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
+import anyio
 import structlog
 from prometheus_client.exposition import choose_encoder
+from starlette.types import Receive, Scope, Send
 
+from telemetry.http import ServerHandle, serve_in_thread
 from telemetry.logs import redact
 from telemetry.metrics import REGISTRY
 
@@ -39,7 +40,8 @@ Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 Probe = Literal["live", "ready"]
 
 MAX_TARGET_CHARS = 2048  # the longest path + query we answer; ours are a few dozen characters
-MAX_HEADER_BYTES = 16384  # sum of header names and values (the stdlib already caps 100 headers of 64 KiB each)
+MAX_HEADER_BYTES = 8192  # sum of header names and values; a head over h11's 16 KiB is refused (400) before this
+MAX_HEADERS = 100  # the stdlib HTTP server's limit; a scraper or probe sends a handful
 MAX_QUERY_FIELDS = 8
 
 
@@ -64,15 +66,14 @@ class TelemetryServer:
         self._readiness = readiness
         self.readiness_timeout_s = readiness_timeout_s
         self.request_timeout_s = request_timeout_s
-        self._httpd: _HttpServer | None = None
-        self._thread: threading.Thread | None = None
+        self._handle: ServerHandle | None = None
         self._check_lock = threading.Lock()
         self._check: Future[tuple[bool, dict[str, Any]]] | None = None
 
     @property
     def port(self) -> int:
         """The bound port once started (the real one when 0 was asked for), else the requested one."""
-        return self._httpd.server_address[1] if self._httpd is not None else self._requested_port
+        return self._handle.port if self._handle is not None else self._requested_port
 
     @property
     def url(self) -> str:
@@ -81,31 +82,24 @@ class TelemetryServer:
 
     def start(self) -> TelemetryServer:
         """Bind and serve in a daemon thread; raises OSError naming host:port when the address cannot be bound."""
-        if self._httpd is not None:
+        if self._handle is not None:
             raise RuntimeError(f"telemetry server on {self.url} is already started")
         try:
-            self._httpd = _HttpServer((self.host, self._requested_port), self)
+            self._handle = serve_in_thread(
+                self._app, self.host, self._requested_port, head_timeout_s=self.request_timeout_s
+            )
         except OSError as exc:
             raise OSError(
                 exc.errno, f"telemetry server cannot listen on {self.host}:{self._requested_port}: {exc.strerror}"
             ) from exc
-        # A short poll interval keeps stop() quick; the loop only checks a flag when idle.
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="telemetry-http", daemon=True
-        )
-        self._thread.start()
         log.info("telemetry server started", url=self.url)
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket; in-flight requests finish on their own daemon threads."""
-        httpd, thread = self._httpd, self._thread
-        if httpd is None or thread is None:
-            return
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5.0)
-        self._httpd = self._thread = None
+        """Stop serving and close the socket (open requests get a few seconds to finish)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.stop(timeout_s=5.0)
 
     def __enter__(self) -> TelemetryServer:
         return self.start()
@@ -151,93 +145,59 @@ class TelemetryServer:
         except BaseException as exc:  # handed to the waiting request, which answers 503
             result.set_exception(exc)
 
-
-class _HttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], telemetry: TelemetryServer) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.telemetry = telemetry
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind looks up the host's FQDN (reverse DNS, which can stall for seconds in a container
-        # without DNS) for a name only CGI uses; bind without it.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.warning("telemetry request failed", client=client_address[0], exc_info=True)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _HttpServer
-    protocol_version = "HTTP/1.0"  # one request per connection: no idle keep-alive socket holds a thread
-    default_request_version = "HTTP/1.0"  # answers to garbage get a status line, not the bare HTTP/0.9 body
-    server_version = "slipstream-telemetry"
-    sys_version = ""
-    error_message_format = "%(code)d %(message)s\n"
-    error_content_type = "text/plain; charset=utf-8"
-
-    def setup(self) -> None:
-        self.timeout = self.server.telemetry.request_timeout_s  # applied to the socket by StreamRequestHandler
-        super().setup()
-
-    def do_GET(self) -> None:
-        if len(self.path) > MAX_TARGET_CHARS:
-            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG, f"request target longer than {MAX_TARGET_CHARS}")
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app: routes GET /metrics and GET /healthz, refuses the rest (see the module docstring)."""
+        if scope["type"] != "http":
             return
-        if sum(len(k) + len(v) for k, v in self.headers.items()) > MAX_HEADER_BYTES:
-            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"headers larger than {MAX_HEADER_BYTES} bytes")
-            return
-        target = urlsplit(self.path)
+        status, body, content_type, headers = await self._answer(scope)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": int(status),
+                "headers": [
+                    (b"content-type", content_type.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                    *((name.encode(), value.encode()) for name, value in headers.items()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _answer(self, scope: Scope) -> tuple[HTTPStatus, bytes, str, dict[str, str]]:
+        """(status, body, content type, extra headers) for one request."""
+        if scope["http_version"] not in ("1.0", "1.1"):  # h11 parses any HTTP/x.y; we speak these two
+            return _refusal(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/1.0 and HTTP/1.1 are served")
+        path, query_bytes = scope["path"], scope["query_string"]
+        if len(scope["raw_path"]) + len(query_bytes) + 1 > MAX_TARGET_CHARS:
+            return _refusal(HTTPStatus.REQUEST_URI_TOO_LONG, f"request target longer than {MAX_TARGET_CHARS}")
+        headers = scope["headers"]
+        if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+            detail = f"more than {MAX_HEADERS} headers or {MAX_HEADER_BYTES} bytes of them"
+            return _refusal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, detail)
+        if scope["method"] != "GET":
+            return HTTPStatus.METHOD_NOT_ALLOWED, b"405 only GET is served\n", "text/plain", {"Allow": "GET"}
         try:
-            query = parse_qs(target.query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+            query = parse_qs(query_bytes.decode("latin-1"), keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
         except ValueError:
-            self.send_error(HTTPStatus.BAD_REQUEST, f"query with more than {MAX_QUERY_FIELDS} fields")
-            return
-        if target.path == "/metrics":
-            self._metrics()
-        elif target.path == "/healthz":
+            return _refusal(HTTPStatus.BAD_REQUEST, f"query with more than {MAX_QUERY_FIELDS} fields")
+        if path == "/metrics":
+            accept = next((v.decode("latin-1") for k, v in headers if k == b"accept"), "")
+            try:
+                encode, content_type = choose_encoder(accept)
+                return HTTPStatus.OK, encode(REGISTRY), content_type, {}
+            except Exception:  # a broken collector must not take the endpoint down silently
+                log.exception("metrics exposition failed")
+                return _refusal(HTTPStatus.INTERNAL_SERVER_ERROR, "metrics exposition failed")
+        if path == "/healthz":
             probe = query.get("probe", ["ready"])
             if len(probe) != 1 or probe[0] not in ("live", "ready"):
-                self.send_error(HTTPStatus.BAD_REQUEST, "probe: expected live or ready")
-                return
-            code, body = self.server.telemetry.health(probe[0])  # type: ignore[arg-type]  # checked just above
-            self._reply(code, json.dumps(body, default=str).encode(), "application/json")
-        else:
-            self.send_error(HTTPStatus.NOT_FOUND, "unknown path: /metrics and /healthz are served")
+                return _refusal(HTTPStatus.BAD_REQUEST, "probe: expected live or ready")
+            # The readiness check may block (a bus ping): wait for it on a worker thread, not the event loop.
+            code, body = await anyio.to_thread.run_sync(self.health, probe[0])
+            return code, json.dumps(body, default=str).encode(), "application/json", {}
+        return _refusal(HTTPStatus.NOT_FOUND, "unknown path: /metrics and /healthz are served")
 
-    def _metrics(self) -> None:
-        try:
-            encode, content_type = choose_encoder(self.headers.get("Accept", ""))
-            body = encode(REGISTRY)
-        except Exception:  # a broken collector must not take the endpoint down silently
-            log.exception("metrics exposition failed")
-            self.send_error(HTTPStatus.INTERNAL_SERVER_ERROR, "metrics exposition failed")
-            return
-        self._reply(HTTPStatus.OK, body, content_type)
 
-    def _method_not_allowed(self) -> None:
-        self._reply(HTTPStatus.METHOD_NOT_ALLOWED, b"405 only GET is served\n", "text/plain", {"Allow": "GET"})
-
-    def __getattr__(self, name: str) -> Any:
-        # BaseHTTPRequestHandler dispatches method X to do_X and answers 501 when it is missing; every method other
-        # than GET gets 405 instead.
-        if name.startswith("do_"):
-            return self._method_not_allowed
-        raise AttributeError(name)
-
-    def _reply(self, code: HTTPStatus, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("telemetry request", client=self.client_address[0], line=format % args)
+def _refusal(status: HTTPStatus, message: str) -> tuple[HTTPStatus, bytes, str, dict[str, str]]:
+    return status, f"{int(status)} {message}\n".encode(), "text/plain; charset=utf-8", {}

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     import structlog
 
     from rollout_node.engines.torch_engine import TorchEngine
-    from rollout_node.server import build_app, serve_in_thread, weight_loader
+    from rollout_node.server import build_app, weight_loader
+    from telemetry.http import serve_in_thread
     from telemetry.node import start_node_telemetry
     from weight_broadcast.http_receiver import HttpReceiver
 

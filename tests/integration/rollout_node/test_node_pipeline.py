@@ -20,8 +20,9 @@ from rollout_node.config import RolloutSettings
 from rollout_node.engines.base import TorchEngineConfig
 from rollout_node.engines.torch_engine import TorchEngine
 from rollout_node.node import RolloutNode
-from rollout_node.server import build_app, serve_in_thread
+from rollout_node.server import build_app
 from slipstream.demo_model import build_demo_model
+from telemetry.http import serve_in_thread
 from telemetry.metrics import REGISTRY
 
 WAIT_S = 60.0

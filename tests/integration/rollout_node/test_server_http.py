@@ -14,8 +14,9 @@ import pytest
 import bench.engine as engine_bench
 from rollout_node.engines.base import TorchEngineConfig
 from rollout_node.engines.torch_engine import TorchEngine
-from rollout_node.server import ServerHandle, build_app, serve_in_thread, weight_loader
+from rollout_node.server import build_app, weight_loader
 from slipstream.demo_model import build_demo_model
+from telemetry.http import ServerHandle, serve_in_thread
 from weight_broadcast.http_receiver import HttpReceiver
 
 KEY = "test-key-0123"

@@ -13,9 +13,10 @@ from bus.schema import Sampling
 from rollout_node.engines.base import Sample, TorchEngineConfig
 from rollout_node.engines.sglang import SGLangEngine, SGLangError, SGLangRequestError
 from rollout_node.engines.torch_engine import TorchEngine
-from rollout_node.server import ServerHandle, build_app, serve_in_thread
+from rollout_node.server import build_app
 from rollout_node.server_config import SGLangConfig
 from slipstream.demo_model import build_demo_model
+from telemetry.http import ServerHandle, serve_in_thread
 
 KEY = "client-test-key"
 PROMPTS = ["3+4=", "12+7=", "rev 123="]  # different lengths: the batch is left padded

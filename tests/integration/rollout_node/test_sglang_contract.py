@@ -29,9 +29,10 @@ from bus.schema import Sampling
 from rollout_node.engines.base import TorchEngineConfig
 from rollout_node.engines.sglang import SGLangEngine, SGLangRequestError, launch_command
 from rollout_node.engines.torch_engine import TorchEngine
-from rollout_node.server import ServerHandle, build_app, serve_in_thread
+from rollout_node.server import build_app
 from rollout_node.server_config import SGLangConfig
 from slipstream.demo_model import build_demo_model
+from telemetry.http import ServerHandle, serve_in_thread
 from tests.conftest import require
 from tests.integration.rollout_node.test_sglang_gpu import LAUNCH_ARGS
 

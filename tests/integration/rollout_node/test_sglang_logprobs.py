@@ -20,8 +20,8 @@ from fastapi import FastAPI, Request
 
 from bus.schema import Sampling
 from rollout_node.engines.sglang import SGLangEngine, SGLangError, support_logprob
-from rollout_node.server import ServerHandle, serve_in_thread
 from rollout_node.server_config import SGLangConfig
+from telemetry.http import ServerHandle, serve_in_thread
 
 LOGITS = np.random.default_rng(0).normal(0.0, 2.0, 16)  # (V,) the stand-in model's logits at every step
 

@@ -26,5 +26,6 @@ def test_node_is_scrapeable_identified_and_logs_json(capsys: pytest.CaptureFixtu
     assert info.samples[0].labels["node_id"] == "rollout-7"
     assert info.samples[0].labels["role"] == "rollout"
     assert health.status_code == 503
-    started = json.loads(capsys.readouterr().err.splitlines()[0])  # logs go to stderr, stdout stays clean
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]  # stderr: stdout stays clean
+    started = next(line for line in lines if line["event"] == "telemetry server started")
     assert (started["node_id"], started["role"], started["url"]) == ("rollout-7", "rollout", url)
