@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from bus import codec
 from bus.codec import Limits, decode, encode
 from bus.schema import KINDS, MessageError
 
@@ -58,3 +59,16 @@ def test_corpus_holds_every_kind_from_both_sources() -> None:
     assert kinds == {cls.__name__ for cls in KINDS}
     assert {case["source"] for case in VALID.values()} == {"codec", "external"}
     assert len(INVALID) >= 50
+
+
+def test_valid_fixtures_decode_by_their_wire_types_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """msgspec's typed decode takes every valid message of the corpus; the slow msgpack path (which names the
+    broken rule) is for refused messages only, so a wire type that refuses a valid form fails here, not just slowly."""
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("decoded by the slow path")
+
+    monkeypatch.setattr(codec, "_decode_slowly", refuse)
+    for name, case in VALID.items():
+        data = (CORPUS / "valid" / f"{name}.msgpack").read_bytes()
+        assert plain(decode(data, Limits(**case["limits"]))) == case["expected"], name
