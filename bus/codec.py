@@ -1,80 +1,89 @@
 """msgpack codec of the bus messages: `encode`, `decode`, `validate`, `peek`, `peek_id` and `member_count`.
 
-A message travels as a msgpack map with string keys: `kind`, `v` (schema version) and the dataclass fields of
-`bus.schema` under the same names. Arrays travel as bin holding little-endian int32 token ids, float32
+A message travels as a msgpack map with string keys: `kind`, the fields of its `bus.schema` Struct under the same
+names, and `v` (schema version). Arrays travel as bin holding little-endian int32 token ids, float32
 log-probabilities or uint8 masks, and decode zero-copy (read-only numpy views of the received bytes); plain
 msgpack arrays of numbers are accepted too, so that any language can produce. docs/wire-protocol.md is the contract.
 
 Decoding any bytes yields a valid message or a `MessageError` naming the field and the rule, never another
-exception: msgpack runs with size limits derived from `Limits`, string map keys only and no ext types, and a message
-over `Limits.small_message_bytes` within `bus.decode_budget` (what it may build: 16x its size).
-Validation is shared by both directions (`validate`, `encode(validate=True)`, `decode`). The parts:
-`bus.wire_maps` (each kind to and from its map), `bus.validation` (the rules of each kind, with the fast path of
-trajectories) and `bus.field_rules` (the rules of single fields, and `Limits`).
+exception. msgspec decodes into the wire types of `bus.schema` (Meta constraints checked in C), then `check`
+applies the rules they cannot say. What msgspec refuses is read again the slow way, with msgpack (size limits
+derived from `Limits`, string map keys only, no ext types) into maps, built with `from_map` and checked rule by rule,
+which names the field and the rule (or accepts a valid form the wire types do not take). A message over
+`Limits.small_message_bytes` is first unpacked by msgpack within `bus.decode_budget` (what it may build: 16x its size).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-from typing import Any
+from typing import Any, Union
 
 import msgpack
+import msgspec
 import numpy as np
 
 from bus import decode_budget
-from bus.field_rules import DEFAULT_LIMITS, MAX_NAME_CHARS, Limits, error_text, kind_of, reject_ext, show
-from bus.schema import KINDS, SCHEMA_VERSION, Message, MessageError
-from bus.wire_maps import CODECS, CODECS_BY_KIND, WireCodec, missing_field
+from bus.schema import (
+    DEFAULT_LIMITS,
+    KINDS,
+    LAYOUTS,
+    MAX_NAME_CHARS,
+    SCHEMA_VERSION,
+    WIRE_TYPES,
+    Limits,
+    Message,
+    MessageError,
+    check,
+    error_text,
+    from_map,
+    from_wire,
+    kind_of,
+    reject_ext,
+    show,
+    to_wire,
+)
 
 __all__ = [
     "DEFAULT_LIMITS", "MAX_NAME_CHARS", "Limits", "decode", "encode", "member_count", "peek", "peek_id", "validate"
 ]  # fmt: skip
 
-# Bound here rather than called as `CODECS.get(...)`: CPython 3.11 compiles a method call on an imported name as an
-# attribute load plus a bound-method call (it takes the name for a module), ~25 ns more per message.
-_codec_by_type, _codec_by_kind = CODECS.get, CODECS_BY_KIND.get
+_CLASSES = {kind: cls for cls, kind in KINDS.items()}
+_CLASS_OF_WIRE_TYPE = {wire: cls for cls, wire in WIRE_TYPES.items()}
+_DECODER = msgspec.msgpack.Decoder(Union[tuple(WIRE_TYPES.values())])  # noqa: UP007 (a runtime tuple of types)
 
 
 def _plain(value: Any) -> Any:
-    """msgpack's hook for what it cannot pack itself: numpy scalars (np.float32 rewards, np.int64 versions...)."""
+    """msgspec's hook for what it cannot encode itself: numpy scalars (np.float32 rewards, np.int64 versions...)."""
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"cannot serialize {type(value).__name__}")
 
 
-def _packer() -> msgpack.Packer:
-    """This thread's msgpack Packer: packb would build (and allocate a buffer for) a new one per message, and one
-    Packer must not serve two threads at once (the `default` hook can let another thread in mid-message)."""
+def _encoder() -> msgspec.msgpack.Encoder:
+    """This thread's Encoder (the `enc_hook` can let another thread in mid-message)."""
     try:
-        return _thread_state.packer
+        return _thread_state.encoder
     except AttributeError:
-        _thread_state.packer = msgpack.Packer(default=_plain)
-        return _thread_state.packer
+        _thread_state.encoder = msgspec.msgpack.Encoder(enc_hook=_plain)
+        return _thread_state.encoder
 
 
 _thread_state = threading.local()
 
 
-def _codec_of(msg: Any) -> WireCodec:
-    codec = _codec_by_type(type(msg))
-    if codec is None:
-        raise MessageError("kind", f"not a message type: {type(msg).__name__}")
-    return codec
-
-
 def validate(msg: Message, limits: Limits = DEFAULT_LIMITS) -> None:
     """Raise MessageError naming the first field that breaks a rule of docs/wire-protocol.md; else return."""
-    _codec_of(msg).check(msg, limits, "", None)
+    check(msg, limits)
 
 
 def encode(msg: Message, *, validate: bool = True, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """The wire bytes of `msg` (validated first unless validate=False). Raises MessageError only."""
-    codec = _codec_of(msg)
+    if type(msg) not in KINDS:
+        raise MessageError("kind", f"not a message type: {type(msg).__name__}")
     if validate:
-        codec.check(msg, limits, "", None)
+        check(msg, limits)
     try:
-        data = _packer().pack(codec.to_map(msg))
+        data = _encoder().encode(to_wire(msg))
     except Exception as exc:  # only reachable with validate=False: what a check would have named
         raise MessageError("data", f"cannot encode ({error_text(exc)})") from exc
     if len(data) > limits.max_message_bytes:
@@ -85,7 +94,7 @@ def encode(msg: Message, *, validate: bool = True, limits: Limits = DEFAULT_LIMI
 def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Message:
     """The valid message encoded in `data`; raises MessageError (and nothing else) for any other bytes.
 
-    Arrays of the returned message are read-only views of `data` when they travelled as bin.
+    Arrays of the returned message are read-only views of their bins (as msgspec copied them out of `data`).
     """
     if type(data) is bytes:
         size = len(data)
@@ -95,15 +104,58 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
         raise MessageError("data", f"must be bytes (got {kind_of(data)})")
     if size > limits.max_message_bytes:
         raise MessageError("data", f"{size} bytes > max_message_bytes {limits.max_message_bytes}")
+    if size > limits.small_message_bytes:  # large enough for what it decodes to to matter: bounded first
+        _unpack(data, limits, size)
+    try:
+        wire = _DECODER.decode(data)
+        if type(wire.v) is not int or wire.v != SCHEMA_VERSION:
+            raise MessageError("v", "unsupported")  # named by the slow path below
+        msg = from_wire(wire, _CLASS_OF_WIRE_TYPE[type(wire)], "")
+    except Exception:  # refused by the wire types (or by msgpack, reading meta): the slow path names why
+        return _decode_slowly(data, limits, size)
+    try:
+        check(msg, limits, "", size, typed=True)
+    except MessageError:
+        raise
+    except Exception as exc:  # a bug, not the sender's fault; still never let a bad message crash a consumer
+        raise MessageError("data", f"internal decoder error ({error_text(exc)})") from exc
+    return msg
+
+
+def _decode_slowly(data: bytes | bytearray | memoryview, limits: Limits, size: int) -> Message:
+    """The message msgspec refused, read as msgpack maps and checked rule by rule: the MessageError of the first
+    broken rule, or the message when it is valid in a form the wire types do not take."""
+    wire = _unpack(data, limits, size)
+    if type(wire) is not dict:
+        raise MessageError("data", f"must be a msgpack map (got {kind_of(wire)})")
+    kind = wire.get("kind")
+    cls = _CLASSES.get(kind) if type(kind) is str else None
+    if cls is None:
+        raise MessageError("kind", f"unknown message kind {show(kind)}; expected one of {sorted(_CLASSES)}")
+    version = wire.get("v")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise MessageError("v", f"unsupported schema version {show(version)} (this build reads {SCHEMA_VERSION})")
+    try:
+        msg = from_map(wire, cls, "")
+        check(msg, limits, "", size)
+    except MessageError:
+        raise
+    except Exception as exc:  # a bug, not the sender's fault; still never let a bad message crash a consumer
+        raise MessageError("data", f"internal decoder error ({error_text(exc)})") from exc
+    return msg
+
+
+def _unpack(data: bytes | bytearray | memoryview, limits: Limits, size: int) -> Any:
+    """`data` as msgpack reads it within the limits (and over small_message_bytes, the decode budget); any failure
+    is the MessageError naming where it is."""
     try:
         if size <= limits.small_message_bytes:
             try:  # msgpack's own limits (the input's length) are the tighter ones: skip parsing ours
-                wire = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=reject_ext, max_ext_len=0)
+                return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=reject_ext, max_ext_len=0)
             except Exception:  # ... and on any failure, fail as the configured limits say (the same exception)
-                wire = msgpack.unpackb(data, **limits.unpack_options)
-        else:  # large enough for what it decodes to to matter: bounded by `decode_budget` as it is built
-            list_hook, object_hook = decode_budget.hooks(size)
-            wire = msgpack.unpackb(data, list_hook=list_hook, object_hook=object_hook, **limits.unpack_options)
+                return msgpack.unpackb(data, **limits.unpack_options)
+        list_hook, object_hook = decode_budget.hooks(size)
+        return msgpack.unpackb(data, list_hook=list_hook, object_hook=object_hook, **limits.unpack_options)
     except decode_budget.OverBudget:
         raise  # the whole message's (and reading it again to find a field would cost as much again)
     except MessageError as exc:  # an ext type: name the field it is in
@@ -117,24 +169,6 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
             _failing_path(data, limits, size),
             "msgpack ext types are not allowed" if ext else f"not valid msgpack ({error_text(exc)})",
         ) from None
-    if type(wire) is not dict:
-        raise MessageError("data", f"must be a msgpack map (got {kind_of(wire)})")
-    kind = wire.get("kind")
-    codec = _codec_by_kind(kind) if type(kind) is str else None
-    if codec is None:
-        raise MessageError("kind", f"unknown message kind {show(kind)}; expected one of {sorted(CODECS_BY_KIND)}")
-    version = wire.get("v")
-    if type(version) is not int or version != SCHEMA_VERSION:
-        raise MessageError("v", f"unsupported schema version {show(version)} (this build reads {SCHEMA_VERSION})")
-    try:
-        msg = codec.decode(wire, limits, size)
-    except MessageError:
-        raise
-    except KeyError as exc:
-        raise missing_field(exc, "") from None
-    except Exception as exc:  # a bug, not the sender's fault; still never let a bad message crash a consumer
-        raise MessageError("data", f"internal decoder error ({error_text(exc)})") from exc
-    return msg
 
 
 def _failing_path(data: bytes | bytearray | memoryview, limits: Limits, size: int) -> str:
@@ -169,7 +203,7 @@ def _failing_path(data: bytes | bytearray | memoryview, limits: Limits, size: in
 
 
 # Every field name of every kind: what `_failing_path` may name.
-_FIELD_NAMES = frozenset({"kind", "v"} | {f.name for cls in KINDS for f in dataclasses.fields(cls)})
+_FIELD_NAMES = frozenset({"kind", "v"} | {spec.name for layout in LAYOUTS.values() for spec in layout.fields})
 
 
 def _array_header(unpacker: msgpack.Unpacker) -> int | None:

@@ -24,10 +24,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from msgspec.structs import replace
 
 from bus.consumer import MessageConsumer, Received
 from bus.schema import MessageError, Task

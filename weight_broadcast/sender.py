@@ -39,11 +39,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import structlog
 import torch
 import torch.distributed as dist
+from msgspec.structs import replace
 
 from bus.schema import TensorSpec, Weights
 from telemetry.metrics import (

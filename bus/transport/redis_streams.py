@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from bus.config import BusConfig
-from bus.field_rules import show
+from bus.schema import show
 from bus.transport.base import (
     Backoff,
     BusError,

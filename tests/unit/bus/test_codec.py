@@ -3,7 +3,6 @@ rule), hostile msgpack input, and peek_id."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 import pickle
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import msgspec
 import numpy as np
 import pytest
 
@@ -114,10 +114,10 @@ def assert_same(actual: Any, expected: Any, path: str = "message") -> None:
         assert isinstance(actual, np.ndarray), f"{path}: {type(actual)} is not an array"
         assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
         assert np.array_equal(actual, expected), f"{path}: {actual} != {expected}"
-    elif dataclasses.is_dataclass(expected):
+    elif isinstance(expected, msgspec.Struct):
         assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
-        for field in dataclasses.fields(expected):
-            assert_same(getattr(actual, field.name), getattr(expected, field.name), f"{path}.{field.name}")
+        for name in expected.__struct_fields__:
+            assert_same(getattr(actual, name), getattr(expected, name), f"{path}.{name}")
     elif isinstance(expected, list | tuple):
         assert type(actual) is type(expected) and len(actual) == len(expected), f"{path}: {actual!r} != {expected!r}"
         for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
@@ -199,7 +199,7 @@ def test_decoded_arrays_are_zero_copy_read_only_views() -> None:
 
 def test_encode_converts_lists_and_other_dtypes_exactly() -> None:
     expected = examples()["trajectory"]
-    loose = dataclasses.replace(
+    loose = msgspec.structs.replace(
         expected,
         prompt_ids=expected.prompt_ids.tolist(),
         response_ids=expected.response_ids.astype(np.int64),
@@ -213,7 +213,7 @@ def test_encode_converts_lists_and_other_dtypes_exactly() -> None:
 
 
 def test_encode_rejects_int64_ids_beyond_int32() -> None:
-    msg = dataclasses.replace(examples()["trajectory"], prompt_ids=np.array([1, 2**31], np.int64))
+    msg = msgspec.structs.replace(examples()["trajectory"], prompt_ids=np.array([1, 2**31], np.int64))
     with pytest.raises(MessageError, match=r"^prompt_ids: value 2147483648 out of int32 range$"):
         encode(msg)
 
@@ -477,7 +477,7 @@ def test_declared_lengths_beyond_limits_fail_before_allocating() -> None:
 
 def test_whole_message_size_is_checked_by_encode_and_decode() -> None:
     """validate() checks every rule but the encoded size, which only encode and decode know."""
-    msg = dataclasses.replace(examples()["heartbeat"], meta={"blob": "x" * 2000})
+    msg = msgspec.structs.replace(examples()["heartbeat"], meta={"blob": "x" * 2000})
     limits = Limits(max_message_bytes=1000, max_meta_bytes=4000)
     validate(msg, limits)
     with pytest.raises(MessageError, match=r"^data: \d+ bytes > max_message_bytes 1000$"):
@@ -498,7 +498,7 @@ def test_validate_and_encode_reject_what_is_not_a_message() -> None:
 
 
 def test_encode_without_validation_still_raises_only_message_error() -> None:
-    msg = dataclasses.replace(examples()["heartbeat"], meta={"x": object()})
+    msg = msgspec.structs.replace(examples()["heartbeat"], meta={"x": object()})
     with pytest.raises(MessageError, match=r"^data: cannot encode \(TypeError"):
         encode(msg, validate=False)
     with pytest.raises(MessageError, match=r"^meta: must be msgpack-able plain data"):
@@ -506,7 +506,7 @@ def test_encode_without_validation_still_raises_only_message_error() -> None:
 
 
 def test_meta_that_a_consumer_could_not_decode_is_refused_at_encode() -> None:
-    msg = dataclasses.replace(examples()["heartbeat"], meta={"nested": {7: "int key"}})
+    msg = msgspec.structs.replace(examples()["heartbeat"], meta={"nested": {7: "int key"}})
     with pytest.raises(MessageError, match=r"^meta: must be msgpack-able plain data with string keys"):
         validate(msg)
 

@@ -11,12 +11,12 @@ went.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgpack
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -147,7 +147,7 @@ def test_logprobs_of_zero_and_within_tolerance_take_the_exact_path_and_pass() ->
 
 def test_decoded_plain_group_members_still_get_every_group_rule() -> None:
     members = [long_trajectory(f"t{i}") for i in range(3)]
-    members[2] = dataclasses.replace(members[2], id="t0", rewards={"format": math.inf})
+    members[2] = msgspec.structs.replace(members[2], id="t0", rewards={"format": math.inf})
     group = Group(id="g", producer="p", trajectories=members, created_at=1.0)
     assert verdicts(group, DEFAULT_LIMITS) == {"trajectories[2].rewards.format: must be finite (got inf)"}
     members[2].rewards = {}
@@ -156,14 +156,14 @@ def test_decoded_plain_group_members_still_get_every_group_rule() -> None:
 
 def test_rewards_beyond_the_bound_are_refused_by_name() -> None:
     """1e308 is finite, but a group (1e308, -1e308, 0, 0) would make NaN advantages: the wire bounds rewards."""
-    traj = dataclasses.replace(long_trajectory(), reward=1e308)
+    traj = msgspec.structs.replace(long_trajectory(), reward=1e308)
     assert verdicts(traj, DEFAULT_LIMITS) == {"reward: must be <= 1000000000.0 (got 1e+308)"}
-    traj = dataclasses.replace(long_trajectory(), reward=-MAX_ABS_REWARD, rewards={"judge": -1e200})
+    traj = msgspec.structs.replace(long_trajectory(), reward=-MAX_ABS_REWARD, rewards={"judge": -1e200})
     assert verdicts(traj, DEFAULT_LIMITS) == {"rewards.judge: must be >= -1000000000.0 (got -1e+200)"}
 
 
 def test_optional_fields_of_a_plain_trajectory_are_still_checked_and_travel() -> None:
-    traj = dataclasses.replace(
+    traj = msgspec.structs.replace(
         long_trajectory(), loss_mask=np.ones(1024, np.uint8), rewards={"a": 1.0}, version_ranges=[(0, 1024, 3)],
         meta={"k": [1, 2]},
     )  # fmt: skip
@@ -182,7 +182,7 @@ def test_unset_optional_fields_are_left_off_the_wire_and_decode_to_their_default
 
 
 def test_an_invalid_optional_value_is_still_written_so_that_decode_names_it() -> None:
-    traj = dataclasses.replace(long_trajectory(), rewards=[], meta="")
+    traj = msgspec.structs.replace(long_trajectory(), rewards=[], meta="")
     assert verdicts(traj, DEFAULT_LIMITS) == {"rewards: must be a map (got list)"}
 
 
@@ -232,7 +232,7 @@ def test_encoding_after_a_failed_encoding_and_from_many_threads_gives_the_same_b
     messages = [long_trajectory(f"t{i}") for i in range(8)]
     expected = [encode(msg) for msg in messages]
     with pytest.raises(MessageError, match=r"^data: cannot encode"):
-        encode(dataclasses.replace(messages[0], meta={"x": object()}), validate=False)
+        encode(msgspec.structs.replace(messages[0], meta={"x": object()}), validate=False)
     assert encode(messages[0]) == expected[0]
 
     def encode_all(_: int) -> list[bytes]:

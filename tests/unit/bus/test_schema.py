@@ -1,4 +1,4 @@
-"""The message dataclasses: defaults, derived properties, ids and the error type."""
+"""The message Structs: defaults, derived properties, ids and the error type."""
 
 from __future__ import annotations
 

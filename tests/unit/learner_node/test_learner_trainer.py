@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -99,7 +99,7 @@ def test_micro_batching_does_not_change_the_step(model_path: str, loss_agg: str,
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum-norm"])
 def test_skipping_zero_advantage_samples_does_not_change_the_step(model_path: str, loss_agg: str) -> None:
     units = groups(count=3)
-    units[1] = Unit(units[1].key, [dataclasses.replace(s, reward=0.5) for s in units[1].samples])  # no signal
+    units[1] = Unit(units[1].key, [msgspec.structs.replace(s, reward=0.5) for s in units[1].samples])  # no signal
     skipping = make_trainer(model_path, loss_agg=loss_agg, adam_epsilon=1e-2)
     running = make_trainer(model_path, loss_agg=loss_agg, adam_epsilon=1e-2, skip_zero_advantage=False)
     skipped, ran = skipping.step(units), running.step(units)
@@ -135,7 +135,7 @@ def test_grpo_steps_raise_the_likelihood_of_rewarded_samples(model_path: str) ->
 
 def test_entropy_bonus_keeps_the_policy_spread_out(model_path: str) -> None:
     # Rewards that carry no signal (all equal): the policy term is 0, so only the bonus moves the weights.
-    flat = [Unit(u.key, [dataclasses.replace(s, reward=1.0) for s in u.samples]) for u in groups()]
+    flat = [Unit(u.key, [msgspec.structs.replace(s, reward=1.0) for s in u.samples]) for u in groups()]
     plain, bonus = make_trainer(model_path, lr=3e-3), make_trainer(model_path, lr=3e-3, entropy_coef=1.0)
     first = bonus.step(flat)
     for _ in range(4):
@@ -221,7 +221,7 @@ def test_advantages_at_the_reward_bound_are_finite() -> None:
     from bus.schema import MAX_ABS_REWARD
 
     rewards = [MAX_ABS_REWARD, -MAX_ABS_REWARD, 0.0, 0.0]
-    unit = Unit("g", [dataclasses.replace(groups(count=1)[0].samples[0], id=f"t{i}", reward=r) for i, r in
+    unit = Unit("g", [msgspec.structs.replace(groups(count=1)[0].samples[0], id=f"t{i}", reward=r) for i, r in
                       enumerate(rewards)])  # fmt: skip
     for scale in ("group", "batch", "none"):
         values = group_advantage_values([unit], LearnerConfig(scale_rewards=scale))[0]
