@@ -159,7 +159,9 @@ def export_hf(
     out = Path(out_dir)
     if runtime.rank == 0:
         if is_lora(policy):
-            policy.save_pretrained(str(out), state_dict=state)  # PEFT keeps the adapters' keys of the gathered state
+            # PEFT keeps the adapters' keys of the gathered state. No embedding layers: none is adapted (lora.py
+            # refuses it), and PEFT's "auto" would look the base model up on the Hub to compare vocabulary sizes.
+            policy.save_pretrained(str(out), state_dict=state, save_embedding_layers=False)
             tokenizer.save_pretrained(out)
             if merged:
                 _save_full(policy, merged_weights(policy, state), tokenizer, out / "merged", max_shard_mb)
