@@ -193,3 +193,17 @@ def test_targets_that_match_no_linear_layer_are_refused(model_path: str) -> None
         load_policy(model_path, runtime, adapters=peft_config(LoraConfig(target_modules=["no_such_proj"])))
     with pytest.raises(ValueError, match="model.lora.target_modules: only linear layers.*Embedding"):
         load_policy(model_path, runtime, adapters=peft_config(LoraConfig(target_modules=["embed_tokens"])))
+
+
+def test_adapter_dropout_applies_only_when_asked(model_path: str) -> None:
+    runtime = init_distributed(LearnerConfig())
+    ids = torch.tensor([PROMPT])
+    for dropout, differ in [(0.0, False), (0.5, True)]:
+        policy = load_policy(model_path, runtime, adapters=peft_config(LoraConfig(rank=4, dropout=dropout)))
+        with torch.no_grad():
+            for name, p in policy.named_parameters():  # before any forward (FSDP2 holds the sharded parameters)
+                if ".lora_B." in name:
+                    p.normal_(std=0.5)  # with B = 0 the adapters' input, dropped or not, changes nothing
+            first, second = (policy(input_ids=ids).logits for _ in range(2))
+        assert (not torch.equal(first, second)) == differ, dropout
+        assert not any(m.training for n, m in policy.named_modules() if "lora_dropout" not in n)  # the rest: eval
