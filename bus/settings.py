@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -225,6 +226,42 @@ def load_pretrained(loader: Any, path: str, source: HubSource, field: str = "mod
         ) from exc
 
 
+LORA_MODULE_PATTERN = r"^[A-Za-z0-9_.]+$"  # a module name (or name suffix) of the model, e.g. q_proj
+
+
+class LoraConfig(Section):
+    """`[model.lora]`: train low-rank adapters (PEFT LoRA) on the policy's linear layers instead of all its weights.
+
+    The learner freezes the base weights and trains `rank`-wide A/B pairs per targeted layer; the engines are sent the
+    merged weights (W + alpha/rank * B @ A) under the base model's names, so they need no LoRA support."""
+
+    rank: int = Field(16, ge=1, le=1024, description="rank r of each adapter (the A/B matrices' inner width)")
+    alpha: float = Field(32.0, gt=0, le=65536, description="LoRA alpha: the adapter's update is scaled by alpha / rank")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout on the adapters' input in the learner's forwards; 0 keeps the learner's "
+        "logprobs those of the policy the rollouts sampled (dropout > 0 perturbs them)"
+    )  # fmt: skip
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="the linear layers that get adapters: 'all-linear' (every linear layer but the output head) or "
+        "module names / name suffixes (e.g. ['q_proj', 'v_proj'])",
+    )
+    export_merged: bool = Field(
+        False, description="the HF export also writes the merged full model (W + B @ A) under merged/ in the folder"
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("must name at least one module (or be 'all-linear')")
+            bad = [name for name in value if not re.fullmatch(LORA_MODULE_PATTERN, name)]
+            if bad:
+                raise ValueError(f"{bad} are not module names (letters, digits, '_' and '.')")
+        return value
+
+
 class ModelConfig(HubSource):
     """The policy model: a local Hugging Face causal-LM folder (config, safetensors, tokenizer) or a Hub id."""
 
@@ -236,4 +273,7 @@ class ModelConfig(HubSource):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="parameter dtype for generation; the learner keeps float32 master weights"
+    )
+    lora: LoraConfig | None = Field(
+        None, description="[model.lora]: train LoRA adapters only (absent: every weight of the policy trains)"
     )

@@ -5,10 +5,10 @@
     broadcaster.delivered_version                          # newest version the engines were sent (rank 0)
 
 Rank 0 runs `weight_broadcast.WeightSender` on a background thread: `publish` gathers the full state dict
-(torch.distributed.checkpoint's helpers, full_state_dict + cpu_offload) and stages it in the broadcast dtype
-(`WeightSender.stage`: the one copy, into the sender's flat buckets, so training may change the weights right away);
-the thread sends the newest version staged (an older one not yet sent is replaced: engines only want the latest)
-while training goes on. In sync mode
+(torch.distributed.checkpoint's helpers, full_state_dict + cpu_offload; a LoRA policy's adapters merged in:
+`model.policy_weights`) and stages it in the broadcast dtype (`WeightSender.stage`: the one copy, into the sender's
+flat buckets, so training may change the weights right away); the thread sends the newest version staged (an older
+one not yet sent is replaced: engines only want the latest) while training goes on. In sync mode
 `publish(wait=True)` returns once delivered. The sender's timeouts bound every send, so a dead engine never stalls
 the learner.
 
@@ -29,7 +29,7 @@ from torch import nn
 from bus.codec import decode, encode
 from bus.schema import Heartbeat, Join, Leave, Message, MessageError, Weights
 from bus.transport import Transport
-from learner_node.model import Runtime, full_state_dict
+from learner_node.model import Runtime, policy_weights
 from weight_broadcast.config import BroadcastConfig
 from weight_broadcast.links import HttpLink
 from weight_broadcast.sender import WeightSender
@@ -77,7 +77,7 @@ class Broadcaster:
     def publish(self, model: nn.Module, version: int, *, wait: bool) -> None:
         """Send `model`'s weights as `version` (collective gather on every rank; rank 0 queues the send). With
         `wait`, rank 0 returns once the send finished (delivered or timed out)."""
-        state = full_state_dict(model)
+        state = policy_weights(model)  # LoRA: merged, under the base model's names (engines need no LoRA support)
         if self.sender is None:
             return
         # The snapshot, here and now: with one rank the gathered tensors are the live parameters, which the next step

@@ -5,7 +5,11 @@ Layout under `<run.output_dir>/checkpoints`:
     step-00000040/dcp/            model (policy + value head) and optimizer, sharded, written by every rank (DCP)
     step-00000040/state-rank0.pt  this rank's RNG (torch, CUDA, numpy, random) and the run's state: step, policy
                                   version, scheduler, admission (dataset position, task counters), ...
+    step-00000040/adapter_config.json   a LoRA run's adapters (PEFT's config), to rebuild them from
     latest                        the name of the newest complete checkpoint
+
+Only trained weights are saved (`TRAINED`: frozen ones are left out), so a LoRA run's checkpoint holds its adapters
+and their optimizer state, not the base model, which `model.path` gives again on resume.
 
 `latest` is replaced atomically by rank 0 only after every rank finished writing, so a learner killed while saving
 resumes from the previous complete checkpoint. A resumed run loads the same world size's files; a rank without its
@@ -27,8 +31,10 @@ import structlog
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from peft import LoraConfig as PeftLoraConfig
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -37,12 +43,17 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers import AutoModelForCausalLM
 
 from bus.settings import HubSource
+from learner_node.lora import ADAPTER, is_lora, merged_weights
 from learner_node.model import Runtime, full_state_dict
 from telemetry.metrics import LEARNER_CHECKPOINT_DURATION
 
 log = structlog.get_logger(__name__)
 
 LATEST = "latest"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's name
+# Checkpoints hold what trains: frozen weights (a LoRA run's base) come from model.path. Not strict on load: the
+# frozen keys are missing by design, `_check_only_frozen_missing` refuses any other difference.
+TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,9 +99,12 @@ class Checkpointer:
         started = time.monotonic()
         path = self.root / f"step-{step:08d}"
         path.mkdir(parents=True, exist_ok=True)
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = trained_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "dcp"))
         torch.save({"run": state, "rng": rng_state()}, path / f"state-rank{self.runtime.rank}.pt")
+        adapters = adapter_config(model)
+        if adapters is not None and self.runtime.rank == 0:
+            adapters.save_pretrained(str(path))  # adapter_config.json: what `export_checkpoint` rebuilds them from
         _barrier(self.runtime)
         if self.runtime.rank == 0:
             temporary = self.root / f".{LATEST}.tmp"
@@ -105,10 +119,13 @@ class Checkpointer:
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Load `path` into `model` and `optimizer`, restore this rank's RNG; returns the saved run state."""
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = trained_state_dict(model, optimizer)
         loaded = {"model": model_state, "optim": optim_state}
         dcp.load(loaded, checkpoint_id=str(path / "dcp"))
-        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        keys = set_state_dict(
+            model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=TRAINED
+        )
+        _check_only_frozen_missing(model, keys)
         own = path / f"state-rank{self.runtime.rank}.pt"
         saved = torch.load(own if own.exists() else path / "state-rank0.pt", weights_only=False)
         if own.exists():
@@ -127,28 +144,77 @@ class Checkpointer:
 
 
 def export_hf(
-    policy: nn.Module, tokenizer: Any, out_dir: str | Path, runtime: Runtime, *, max_shard_mb: int = 5000
-) -> Path:
+    policy: nn.Module, tokenizer: Any, out_dir: str | Path, runtime: Runtime, *, max_shard_mb: int = 5000,
+    merged: bool = False,
+) -> Path:  # fmt: skip
     """Write the policy as an HF folder (`save_pretrained`: config, safetensors, tokenizer, generation config) that
     `AutoModelForCausalLM.from_pretrained` and SGLang load, in the dtype of the checkpoint it was loaded from (a
     bfloat16 model exports bfloat16; the learner's float32 master weights are rounded once, here), in safetensors
-    shards of at most `max_shard_mb` with an index past that. Collective (the weights are gathered); rank 0 writes."""
+    shards of at most `max_shard_mb` with an index past that. Collective (the weights are gathered); rank 0 writes.
+
+    A LoRA policy writes PEFT's adapter folder instead (adapter_config.json naming the base model, the float32
+    adapters in adapter_model.safetensors, the tokenizer: `PeftModel.from_pretrained(base, out)` loads it) and, with
+    `merged`, the merged full model as above in `out/merged`."""
     state = full_state_dict(policy)
     out = Path(out_dir)
     if runtime.rank == 0:
-        # The loaded policy's own config and generation config: nothing is read again from model_path (a Hub id
-        # would be fetched twice, a changed local folder would not match the weights).
-        dtype = getattr(policy, "source_dtype", torch.float32)
-        config = copy.deepcopy(policy.config)
-        config.use_cache = True  # the learner turned it off for training; generation wants it
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
-        model.generation_config = copy.deepcopy(policy.generation_config)
-        model.save_pretrained(out, max_shard_size=f"{max_shard_mb}MB")
-        tokenizer.save_pretrained(out)
-        log.info("HF export written", path=str(out))
+        if is_lora(policy):
+            # PEFT keeps the adapters' keys of the gathered state. No embedding layers: none is adapted (lora.py
+            # refuses it), and PEFT's "auto" would look the base model up on the Hub to compare vocabulary sizes.
+            policy.save_pretrained(str(out), state_dict=state, save_embedding_layers=False)
+            tokenizer.save_pretrained(out)
+            if merged:
+                _save_full(policy, merged_weights(policy, state), tokenizer, out / "merged", max_shard_mb)
+        else:
+            _save_full(policy, state, tokenizer, out, max_shard_mb)
+        log.info("HF export written", path=str(out), adapters=is_lora(policy), merged=merged and is_lora(policy))
     _barrier(runtime)
     return out
+
+
+def _save_full(policy: nn.Module, state: dict[str, torch.Tensor], tokenizer: Any, out: Path, max_shard_mb: int) -> None:
+    # The loaded policy's own config and generation config: nothing is read again from model_path (a Hub id would be
+    # fetched twice, a changed local folder would not match the weights).
+    dtype = getattr(policy, "source_dtype", torch.float32)
+    config = copy.deepcopy(policy.config)
+    config.use_cache = True  # the learner turned it off for training; generation wants it
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    model.generation_config = copy.deepcopy(policy.generation_config)
+    model.save_pretrained(out, max_shard_size=f"{max_shard_mb}MB")
+    tokenizer.save_pretrained(out)
+
+
+def adapter_config(model: nn.Module) -> PeftLoraConfig | None:
+    """The LoRA config of the policy in `model` (a policy, or a module holding one), or None without adapters."""
+    policy = next((m for m in model.modules() if is_lora(m)), None)
+    return policy.peft_config[ADAPTER] if policy is not None else None
+
+
+def trained_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (sharded) model and optimizer state dicts of what trains: TRAINED's, less the tied aliases of frozen
+    weights (`ignore_frozen_params` leaves e.g. a frozen embedding's `lm_head.weight` alias in)."""
+    if optimizer is None:
+        model_state, optim_state = get_model_state_dict(model, options=TRAINED), {}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
+    frozen = _frozen_names(model)
+    return {k: v for k, v in model_state.items() if k not in frozen}, optim_state
+
+
+def _frozen_names(model: nn.Module) -> set[str]:
+    """Every name of a frozen parameter, tied aliases included."""
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _check_only_frozen_missing(model: nn.Module, keys: Any) -> None:
+    """A checkpoint holds the trained weights only (TRAINED): the frozen ones may be missing from it, nothing else."""
+    frozen = _frozen_names(model)
+    missing = [k for k in keys.missing_keys if k not in frozen]
+    if missing or keys.unexpected_keys:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {keys.unexpected_keys}")
 
 
 def _barrier(runtime: Runtime) -> None:
@@ -158,11 +224,13 @@ def _barrier(runtime: Runtime) -> None:
 
 def export_checkpoint(
     checkpoint: str | Path, model_path: str, out_dir: str | Path, *, source: HubSource | None = None,
-    max_shard_mb: int = 5000,
+    max_shard_mb: int = 5000, merged: bool = False,
 ) -> Path:  # fmt: skip
     """The policy of a DCP checkpoint (`checkpoint`: a step-N folder, or a checkpoints folder: its latest) as an HF
     folder, like the learner's own export. `model_path` (the run's `model.path`) gives the architecture, the
-    tokenizer and the dtype; the weights are the checkpoint's. Runs as a world of one on CPU, in this process."""
+    tokenizer and the dtype; the weights are the checkpoint's. A LoRA run's checkpoint (its adapter_config.json)
+    exports the adapter folder, and with `merged` the merged model too (`export_hf`). Runs as a world of one on CPU,
+    in this process."""
     from transformers import AutoTokenizer
 
     from bus.settings import load_pretrained
@@ -176,10 +244,11 @@ def export_checkpoint(
         raise FileNotFoundError(f"checkpoint: {path} holds no dcp/ folder (a step-N folder of a learner's checkpoints)")
     source = source or HubSource()
     runtime = init_distributed(LearnerConfig(device="cpu"))
-    policy = load_policy(model_path, runtime, trainable=False, source=source)
+    adapters = PeftLoraConfig.from_pretrained(str(path)) if (path / ADAPTER_CONFIG).exists() else None
+    policy = load_policy(model_path, runtime, source=source, adapters=adapters)  # trainable: TRAINED's keys
     trained = nn.ModuleDict({"policy": policy})  # the learner saves its trained modules under these names
-    state = get_model_state_dict(trained)
+    state = trained_state_dict(trained)[0]
     dcp.load({"model": state}, checkpoint_id=str(path / "dcp"))  # only the policy: the optimizer stays on disk
-    set_model_state_dict(trained, state)
+    _check_only_frozen_missing(trained, set_model_state_dict(trained, state, options=TRAINED))
     tokenizer = load_pretrained(AutoTokenizer, model_path, source)
-    return export_hf(policy, tokenizer, out_dir, runtime, max_shard_mb=max_shard_mb)
+    return export_hf(policy, tokenizer, out_dir, runtime, max_shard_mb=max_shard_mb, merged=merged)

@@ -25,6 +25,8 @@ import structlog
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -33,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from bus.settings import HubSource, load_pretrained
 from learner_node.batching import Batch, response_logits
 from learner_node.config import LearnerConfig
+from learner_node.lora import add_adapters, enable_adapter_dropout, is_lora, merged_weights
 
 log = structlog.get_logger(__name__)
 
@@ -103,17 +106,23 @@ def load_policy(
     trainable: bool = True,
     activation_checkpointing: bool = False,
     source: HubSource | None = None,
-) -> PreTrainedModel:
+    adapters: PeftLoraConfig | None = None,
+) -> PreTrainedModel | PeftModel:
     """The HF causal LM at `path` (a local folder, or a Hub id as `source` allows) in float32 (master weights),
     sharded, without dropout; frozen unless trainable. activation_checkpointing: each transformer block keeps only its
-    inputs for the backward and recomputes the rest (`checkpoint_blocks`)."""
+    inputs for the backward and recomputes the rest (`checkpoint_blocks`). adapters: a PeftModel whose LoRA adapters
+    are the only trainable weights (`learner_node.lora`)."""
     model = load_pretrained(AutoModelForCausalLM, path, source or HubSource(), dtype=torch.float32)
     # The dtype the checkpoint was saved in (config.json), which the float32 load overwrote: the HF export's dtype.
     saved = load_pretrained(AutoConfig, path, source or HubSource())
     model.source_dtype = _dtype(getattr(saved, "dtype", None) or getattr(saved, "torch_dtype", None))
     model.to(runtime.device)
     model.config.use_cache = False  # training forwards never want a KV cache; generation passes its own
+    if adapters is not None:
+        model = add_adapters(model, adapters)
     model.eval()  # no dropout: the learner's logprobs must be the distribution the rollouts sampled from
+    if adapters is not None and adapters.lora_dropout > 0:
+        enable_adapter_dropout(model)  # asked for: only the adapters' inputs
     if not trainable:
         model.requires_grad_(False)
     elif activation_checkpointing:
@@ -237,3 +246,10 @@ def forward(
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full (unsharded) weights on CPU on rank 0 ({} on the others). Collective: every rank must call it."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def policy_weights(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """What an engine loads: the policy's full weights under the base model's names, LoRA adapters merged in
+    (`merged_weights`), on CPU on rank 0 ({} on the others). Collective: every rank must call it."""
+    state = full_state_dict(policy)
+    return merged_weights(policy, state) if state and is_lora(policy) else state

@@ -51,6 +51,7 @@ from learner_node.checkpoint import Checkpointer, export_hf
 from learner_node.config import LearnerSettings
 from learner_node.evaluation import Evaluator, prompt_token_ids
 from learner_node.groups import GroupAssembler, Unit, drop_repeats, split_trained, zero_variance
+from learner_node.lora import peft_config
 from learner_node.model import (
     build_optimizer,
     build_scheduler,
@@ -151,9 +152,11 @@ class LearnerNode:
     def _build_model(self) -> None:
         cfg, path = self.cfg, self.settings.model.path
         source = self.settings.model
+        lora = self.settings.model.lora
         self.policy = load_policy(
-            path, self.runtime, activation_checkpointing=cfg.activation_checkpointing, source=source
-        )
+            path, self.runtime, activation_checkpointing=cfg.activation_checkpointing, source=source,
+            adapters=peft_config(lora) if lora is not None else None,
+        )  # fmt: skip
         self.value_head = build_value_head(self.policy, self.runtime) if cfg.algorithm == "ppo" else None
         needs_reference = cfg.beta > 0 or cfg.algorithm == "dpo"
         self.reference = load_policy(path, self.runtime, trainable=False, source=source) if needs_reference else None
@@ -286,7 +289,7 @@ class LearnerNode:
             code = 1 if exc.failed else 0
         self._checkpoint(export=False)  # the run's export goes to <output_dir>/hf
         if cfg.export_hf:
-            export_hf(self.policy, self.tokenizer, self._out("hf"), self.runtime, max_shard_mb=cfg.export_max_shard_mb)
+            self._export(self._out("hf"))
         self._summary()
         self.close()
         return code
@@ -526,7 +529,13 @@ class LearnerNode:
         }
         path = self.checkpointer.save(self.step, self.trained, self.optimizer, state)
         if export and self.cfg.export_hf:
-            export_hf(self.policy, self.tokenizer, path / "hf", self.runtime, max_shard_mb=self.cfg.export_max_shard_mb)
+            self._export(path / "hf")
+
+    def _export(self, out: Path) -> None:
+        lora = self.settings.model.lora
+        merged = lora is not None and lora.export_merged
+        max_shard_mb = self.cfg.export_max_shard_mb
+        export_hf(self.policy, self.tokenizer, out, self.runtime, max_shard_mb=max_shard_mb, merged=merged)
 
     def _summary(self) -> None:
         if self.rank != 0:

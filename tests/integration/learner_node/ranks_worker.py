@@ -1,8 +1,9 @@
 """One learner rank for test_learner_ranks.py: FSDP2 over gloo, a few trainer steps on a fixed batch, results to JSON.
 
-python ranks_worker.py MODEL_PATH OUT_JSON [budgeted]    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment)
+python ranks_worker.py MODEL_PATH OUT_JSON [budgeted|lora]    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the env)
 
 budgeted: activation checkpointing and micro-batches by a token budget, which must not change the steps.
+lora: rank-4 LoRA adapters on every linear layer train alone; the checksums are of the merged weights (base names).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from bus.schema import Trajectory
+from bus.settings import LoraConfig
 from learner_node.config import LearnerConfig
 from learner_node.groups import Unit
-from learner_node.model import build_optimizer, build_scheduler, full_state_dict, init_distributed, load_policy
+from learner_node.lora import peft_config
+from learner_node.model import build_optimizer, build_scheduler, init_distributed, load_policy, policy_weights
 from learner_node.trainer import Trainer
 
 STEPS = 3
@@ -47,20 +50,22 @@ def batch(step: int) -> list[Unit]:
     return units
 
 
-def run(model_path: str, budgeted: bool) -> dict:
-    cut = {"max_tokens_per_micro_batch": 40, "activation_checkpointing": True} if budgeted else {}
+def run(model_path: str, mode: str | None) -> dict:
+    cut = {"max_tokens_per_micro_batch": 40, "activation_checkpointing": True} if mode == "budgeted" else {}
     cfg = LearnerConfig(
         lr=1e-2, micro_batch_size=3, adam_epsilon=1e-2, beta=0.05, loss_agg="seq-mean-token-mean", **cut
     )
     runtime = init_distributed(cfg)
-    policy = load_policy(model_path, runtime, activation_checkpointing=cfg.activation_checkpointing)
+    adapters = peft_config(LoraConfig(rank=4, alpha=8)) if mode == "lora" else None
+    policy = load_policy(model_path, runtime, activation_checkpointing=cfg.activation_checkpointing, adapters=adapters)
     reference = load_policy(model_path, runtime, trainable=False)
     optimizer = build_optimizer(cfg, [policy])
     trainer = Trainer(cfg, runtime, policy, optimizer, build_scheduler(cfg, optimizer), reference=reference)
-    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in policy.parameters())
-    total = sum(p.numel() for p in policy.parameters())
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in trained)
+    total = sum(p.numel() for p in trained)
     metrics = [trainer.step(batch(step)) for step in range(STEPS)]
-    weights = full_state_dict(policy)
+    weights = policy_weights(policy)
     return {
         "rank": runtime.rank,
         "world": runtime.world,
@@ -73,7 +78,7 @@ def run(model_path: str, budgeted: bool) -> dict:
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    result = run(sys.argv[1], sys.argv[3:] == ["budgeted"])
+    result = run(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else None)
     with open(sys.argv[2], "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()

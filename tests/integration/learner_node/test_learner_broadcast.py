@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bus.codec import decode, encode
 from bus.config import BusConfig
 from bus.schema import Heartbeat, Join, Leave, Weights
+from bus.settings import LoraConfig
 from bus.transport import setup_transport
 from learner_node.broadcast import Broadcaster
 from learner_node.config import LearnerConfig
+from learner_node.evaluation import greedy_generate
+from learner_node.lora import peft_config
 from learner_node.model import full_state_dict, init_distributed, load_policy
 from slipstream.demo_model import build_demo_model
 from weight_broadcast.config import BroadcastConfig
@@ -69,6 +73,46 @@ def test_versions_reach_a_receiver_and_the_control_stream(tmp_path: Path, redis_
     kinds = [type(m) for m in messages if getattr(m, "node_id", None) == "learner"]
     assert kinds[0] is Join and kinds[-1] is Leave and set(kinds) <= {Join, Heartbeat, Leave}
     transport.close()
+
+
+def test_a_lora_policy_reaches_a_torch_engine_as_merged_base_weights(tmp_path: Path) -> None:
+    """The engine holds the base model and knows nothing of LoRA: it loads the merged weights under its own names and
+    shapes (a wrong name or shape would raise there) and answers greedily as the learner's LoRA policy does."""
+    model = build_demo_model(tmp_path / "m")
+    runtime = init_distributed(LearnerConfig())
+    policy = load_policy(str(model), runtime, adapters=peft_config(LoraConfig(rank=4, alpha=8)))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompt = tokenizer.encode("max(3,8)=", add_special_tokens=False)
+
+    torch.manual_seed(0)
+    with torch.no_grad():  # trained adapters, as far as the engine can tell: B is 0 only before the first step
+        for name, p in policy.named_parameters():  # before any forward: FSDP2 then holds the sharded parameters
+            if ".lora_B." in name:
+                p.normal_(std=0.5)
+
+    def answer(model: torch.nn.Module) -> list[int]:
+        [tokens] = greedy_generate(model, [prompt], runtime, max_new_tokens=6, eos_ids=[tokenizer.eos_token_id],
+                                   pad_id=tokenizer.pad_token_id)  # fmt: skip
+        return tokens
+
+    lora_answer = answer(policy)
+    assert lora_answer != answer(AutoModelForCausalLM.from_pretrained(model).eval())  # the engine must merge
+    broadcaster = Broadcaster(BroadcastConfig(master_port=0, timeout_s=20, join_poll_s=0.05), None, runtime,
+                              node_id="learner", dtype=torch.float32)  # fmt: skip
+    argv = [sys.executable, str(Path(__file__).with_name("engine_worker.py")), "engine-0", str(broadcaster.port),
+            str(model), ",".join(map(str, prompt))]  # fmt: skip
+    engine = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        broadcaster.publish(policy, 1, wait=True)  # staged: the engine gets it when it joins
+        line = engine.stdout.readline()
+    finally:
+        engine.stdin.close()
+        engine.wait(timeout=30)
+        broadcaster.close()
+    load = json.loads(line)
+    assert load["version"] == 1 and load["tokens"] == lora_answer
+    base_names = AutoModelForCausalLM.from_pretrained(model).state_dict().keys()
+    assert set(load["names"]) <= set(base_names) and not any("lora" in n for n in load["names"])
 
 
 def test_an_sglang_join_on_the_control_stream_adds_an_http_link_with_the_engines_key(

@@ -145,3 +145,25 @@ def test_dynamic_sampling_trains_only_groups_with_a_signal_and_accounts_for_the_
     summary = summary_of(learner)
     assert summary["balanced"] is True, summary
     assert rollout.answered * 2 >= accounting["trained"] + accounting["dropped:zero_variance"]
+
+
+@pytest.mark.timeout(240)
+def test_a_lora_learner_checkpoints_resumes_and_exports_its_adapters(
+    tmp_path: Path, redis_server: Any, learner_config: Callable[..., Path]
+) -> None:
+    """`[model.lora]` through the node: adapters trained, checkpointed with their config, resumed, and exported as
+    PEFT's adapter folder with the merged model beside it."""
+    config = learner_config(max_steps=4, checkpoint_every=2, export_hf=True)
+    lora = ["--model.lora.rank", "4", "--model.lora.export_merged", "true"]
+    with FakeRollout(redis_server.url):
+        first = LearnerProcess(config, *lora)
+        assert first.finish() == 0, "".join(first.lines[-30:])
+        second = LearnerProcess(config, "--resume", "--learner.max_steps", "6", *lora)
+        assert second.finish() == 0, "".join(second.lines[-30:])
+    [resumed] = second.named("resumed")
+    assert resumed["step"] == 4 and [e["step"] for e in second.named("train_step")] == [5, 6]
+    run = tmp_path / "run"
+    adapters = json.loads((run / "checkpoints" / "step-00000006" / "adapter_config.json").read_text())
+    assert adapters["r"] == 4 and adapters["peft_type"] == "LORA"
+    assert (run / "hf" / "adapter_model.safetensors").exists() and (run / "hf" / "merged" / "config.json").exists()
+    assert (run / "checkpoints" / "step-00000006" / "hf" / "adapter_config.json").exists()

@@ -15,6 +15,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from bus.embedded import free_port
 from slipstream.demo_model import build_demo_model
@@ -63,6 +64,31 @@ def test_two_ranks_shard_and_match_one_rank(tmp_path: Path) -> None:
             assert step_two[key] == pytest.approx(step_one[key], rel=1e-4, abs=1e-6), key
     for name, value in one["checksums"].items():
         assert two[0]["checksums"][name] == pytest.approx(value, rel=1e-5, abs=1e-4), name
+
+
+@pytest.mark.timeout(300)
+def test_two_ranks_train_lora_adapters_as_one_rank_does(tmp_path: Path) -> None:
+    """LoRA under FSDP2: the adapters are sharded over the two ranks like any weight, the base stays frozen, and the
+    merged weights the engines would get are one rank's."""
+    model = build_demo_model(tmp_path / "model")
+    two = run_ranks(model, tmp_path, 2, WORKER, "lora")
+    [one] = run_ranks(model, tmp_path, 1, WORKER, "lora")
+    plain = AutoModelForCausalLM.from_pretrained(model)
+    base = {k: float(v.double().sum()) for k, v in plain.state_dict().items()}
+
+    # Trainable: the adapters only (a few % of the model here), each rank holding about half of them.
+    assert one["total_numel"] < 0.2 * plain.num_parameters() and one["local_numel"] == one["total_numel"]
+    assert all(r["local_numel"] < 0.55 * r["total_numel"] for r in two)
+    assert two[0]["metrics"] == two[1]["metrics"] and two[1]["checksums"] == {}
+    for step_two, step_one in zip(two[0]["metrics"], one["metrics"], strict=True):
+        for key in ("loss", "grad_norm", "kl"):
+            assert step_two[key] == pytest.approx(step_one[key], rel=1e-4, abs=1e-6), key
+    assert two[0]["checksums"].keys() == base.keys()  # merged under the base model's names
+    for name, value in one["checksums"].items():
+        assert two[0]["checksums"][name] == pytest.approx(value, rel=1e-5, abs=1e-4), name
+        if not name.endswith("proj.weight"):  # embedding and norms: frozen, no adapter
+            assert value == base[name], name
+    assert any(one["checksums"][n] != base[n] for n in base if n.endswith("proj.weight"))  # the adapters trained
 
 
 def trl_parity_helpers() -> ModuleType:

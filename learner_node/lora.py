@@ -1,0 +1,93 @@
+"""LoRA adapters (PEFT) on the learner's policy: `[model.lora]` trains low-rank A/B pairs, the base stays frozen.
+
+    adapters = peft_config(settings.model.lora)           # PEFT's LoraConfig from the [model.lora] section
+    policy = load_policy(path, runtime, adapters=adapters) # a PeftModel, sharded with FSDP2 like any policy
+    merged_weights(policy, full_state_dict(policy))        # W + scaling * B @ A under the base model's names
+
+The engines (the torch engine, SGLang through update_weights_from_distributed) are sent the merged weights, named and
+shaped as the base model's state dict, so that they load them as they load a full fine-tune's weights. The merge is
+computed from the gathered state dict, out of place: the trained module (and, with one rank, the live base tensors
+that the gathered state dict shares) is never changed. Only adapters on linear layers are accepted (PEFT's
+`lora.Linear`, without DoRA or a LoRA bias): their merge is `transpose(B @ A, fan_in_fan_out) * scaling`, the formula
+of PEFT's `Linear.get_delta_weight`.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import transpose
+from torch import nn
+from transformers import PreTrainedModel
+
+from bus.settings import LoraConfig
+
+ADAPTER = "default"  # PEFT's name of the one adapter a policy has
+PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's own parameter names
+BASE_LAYER = ".base_layer"  # what a wrapped layer's own weight and bias gain in their names
+
+
+def peft_config(cfg: LoraConfig) -> PeftLoraConfig:
+    """PEFT's LoraConfig for the `[model.lora]` section (a causal LM, no bias trained)."""
+    return PeftLoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        bias="none", task_type="CAUSAL_LM",
+    )  # fmt: skip
+
+
+def add_adapters(model: PreTrainedModel, adapters: PeftLoraConfig) -> PeftModel:
+    """`model` with `adapters` injected (PEFT's `get_peft_model`: base weights frozen, A random, B zero, so the policy
+    starts as the base model). A ValueError names `model.lora.target_modules` when they match no linear layer, or
+    something else than linear layers."""
+    try:
+        wrapped = get_peft_model(model, adapters)
+    except ValueError as exc:  # PEFT's "Target modules ... not found in the base model"
+        raise ValueError(f"model.lora.target_modules: {exc}") from exc
+    others = sorted({type(m).__name__ for m in lora_layers(wrapped).values() if type(m) is not LoraLinear})
+    if others:
+        raise ValueError(f"model.lora.target_modules: only linear layers take adapters here; they also match {others}")
+    return wrapped
+
+
+def enable_adapter_dropout(model: PeftModel) -> None:
+    """Put the adapters' dropout in training mode (the learner keeps the rest of the policy in eval mode: no dropout
+    anywhere else), so that `[model.lora] dropout` applies to the learner's forwards."""
+    for layer in lora_layers(model).values():
+        layer.lora_dropout.train()
+
+
+def is_lora(model: nn.Module) -> bool:
+    """Whether `model` is a policy with adapters."""
+    return isinstance(model, PeftModel)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """The layers holding adapters, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def merged_weights(model: PeftModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every adapter merged: `state` (the PeftModel's full state dict, e.g.
+    `full_state_dict(model)`) renamed to the base model's names, each adapted weight replaced by a new tensor
+    W + scaling * B @ A, the adapters' own tensors left out. `state` is not changed."""
+    merged: dict[str, torch.Tensor] = {}
+    adapter_keys: set[str] = set()
+    for name, layer in lora_layers(model).items():
+        a = state[f"{name}.lora_A.{ADAPTER}.weight"]
+        b = state[f"{name}.lora_B.{ADAPTER}.weight"]
+        adapter_keys.update(f"{name}.{key}" for key in layer.state_dict() if not key.startswith("base_layer."))
+        weight = state[f"{name}{BASE_LAYER}.weight"]
+        delta = transpose(b @ a, layer.fan_in_fan_out) * layer.scaling[ADAPTER]
+        merged[base_name(f"{name}{BASE_LAYER}.weight")] = weight + delta.to(weight.dtype)
+    for key, value in state.items():
+        if key not in adapter_keys:
+            merged.setdefault(base_name(key), value)
+    return merged
+
+
+def base_name(key: str) -> str:
+    """A PeftModel parameter name as the base model names it."""
+    return key.removeprefix(PEFT_PREFIX).replace(f"{BASE_LAYER}.", ".")

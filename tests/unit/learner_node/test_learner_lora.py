@@ -1,0 +1,209 @@
+"""[model.lora]: only the adapters train (FSDP2, one rank here; two in tests/integration/learner_node), the engines get
+merged weights under the base model's names, checkpoints hold the adapters, the export is PEFT's adapter folder (and,
+on request, the merged model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bus.settings import ConfigError, LoraConfig, load_settings
+from learner_node.checkpoint import Checkpointer, export_hf
+from learner_node.config import LearnerConfig, LearnerSettings
+from learner_node.lora import peft_config
+from learner_node.model import (
+    build_optimizer,
+    build_scheduler,
+    full_state_dict,
+    init_distributed,
+    load_policy,
+    policy_weights,
+)
+from learner_node.trainer import Trainer
+from slipstream.demo_model import build_demo_model
+
+from .test_learner_trainer import groups
+
+LORA = LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+PROMPT = [5, 6, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_demo_model(tmp_path_factory.mktemp("demo")))
+
+
+def lora_trainer(model_path: str, lora: LoraConfig = LORA, **overrides: object) -> Trainer:
+    cfg = LearnerConfig(**{"lr": 5e-2, "max_new_tokens": 8, **overrides})  # type: ignore[arg-type]
+    runtime = init_distributed(cfg)
+    policy = load_policy(model_path, runtime, adapters=peft_config(lora),
+                         activation_checkpointing=cfg.activation_checkpointing)  # fmt: skip
+    optimizer = build_optimizer(cfg, [policy])
+    return Trainer(cfg, runtime, policy, optimizer, build_scheduler(cfg, optimizer))
+
+
+def greedy(model: torch.nn.Module, prompt: list[int], steps: int = 6) -> list[int]:
+    """Greedy tokens by full forwards (no KV cache): works for the sharded PeftModel and a plain HF model alike."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def trained_a_little(model_path: str, steps: int = 3) -> Trainer:
+    trainer = lora_trainer(model_path)
+    for step in range(steps):
+        trainer.step(groups(seed=step))
+    return trainer
+
+
+def test_only_the_adapters_train(model_path: str) -> None:
+    trainer = lora_trainer(model_path, activation_checkpointing=True)
+    policy = trainer.policy
+    base = AutoModelForCausalLM.from_pretrained(model_path)
+    adapters = {n for n, p in policy.named_parameters() if "lora_" in n}
+    assert adapters and {n for n, p in policy.named_parameters() if p.requires_grad} == adapters
+    assert len(trainer.params) == len(adapters)  # the optimizer steps the adapters only
+    # 2 layers x (q, v, down) x (A, B) adapters, nothing else: the targets were honoured.
+    assert len(adapters) == 12 and all(any(t in n for t in ("q_proj", "v_proj", "down_proj")) for n in adapters)
+    ids = torch.tensor([PROMPT])
+    policy(input_ids=ids).logits.square().mean().backward()
+    assert all(p.grad is None for n, p in policy.named_parameters() if n not in adapters)
+    assert all(p.grad is not None for n, p in policy.named_parameters() if n in adapters)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    before = full_state_dict(policy)
+    before = {k: v.clone() for k, v in before.items()}
+    metrics = trainer.step(groups())
+    after = full_state_dict(policy)
+    assert metrics["grad_norm"] > 0
+    for name, value in after.items():
+        if ".lora_" not in name:
+            assert torch.equal(value, before[name]), name  # the base is frozen
+        elif ".lora_B." in name:
+            assert not torch.equal(value, before[name]), name  # B starts at 0 and takes the first step's gradient
+    # The base weights are still the checkpoint's: the merge is all that differs from the base model.
+    merged = policy_weights(policy)
+    for name, value in base.state_dict().items():
+        if name in merged and not any(t in name for t in ("q_proj", "v_proj", "down_proj")):
+            assert torch.equal(merged[name], value), name
+
+
+def test_the_merged_weights_are_the_base_models_names_and_shapes_and_compute_the_policy(model_path: str) -> None:
+    trainer = trained_a_little(model_path)
+    policy = trainer.policy
+    base = load_policy(model_path, trainer.runtime, trainable=False)
+    merged = policy_weights(policy)
+    base_state = full_state_dict(base)
+    assert {k: tuple(v.shape) for k, v in merged.items()} == {k: tuple(v.shape) for k, v in base_state.items()}
+    assert any(not torch.equal(merged[k], base_state[k]) for k in merged)  # training moved the merged weights
+    plain = AutoModelForCausalLM.from_pretrained(model_path)
+    plain.load_state_dict(merged)  # strict: exactly the base model's keys
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5)
+    assert greedy(plain, PROMPT) == greedy(policy, PROMPT)
+
+
+def test_a_checkpoint_holds_the_adapters_and_resumes_them(model_path: str, tmp_path: Path) -> None:
+    trainer = trained_a_little(model_path)
+    trained = torch.nn.ModuleDict({"policy": trainer.policy})
+    path = Checkpointer(tmp_path / "ckpt", trainer.runtime).save(3, trained, trainer.optimizer, {"step": 3})
+    saved = set(FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata)
+    model_keys = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+    assert model_keys and all(".lora_" in k for k in model_keys)  # the adapters, not the frozen base
+    assert (path / "adapter_config.json").exists()
+    weights = {k: v.clone() for k, v in full_state_dict(trainer.policy).items()}
+    moments = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
+
+    fresh = trained_a_little(model_path, steps=1)  # other adapters, other moments
+    fresh_trained = torch.nn.ModuleDict({"policy": fresh.policy})
+    Checkpointer(tmp_path / "ckpt", fresh.runtime).load(path, fresh_trained, fresh.optimizer)
+    for name, tensor in full_state_dict(fresh.policy).items():
+        assert torch.equal(tensor, weights[name]), name
+    for key, value in fresh.optimizer.state_dict()["state"][0].items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(moments[key])), key
+    # A LoRA checkpoint does not load into a fully trained policy: DCP names the weight it lacks.
+    full = load_policy(model_path, trainer.runtime)
+    with pytest.raises(CheckpointException, match="Missing key in checkpoint state_dict: model.policy.model.embed"):
+        Checkpointer(tmp_path / "ckpt", trainer.runtime).load(path, torch.nn.ModuleDict({"policy": full}),
+                                                               build_optimizer(LearnerConfig(), [full]))  # fmt: skip
+
+
+def test_the_export_is_an_adapter_folder_and_on_request_the_merged_model(model_path: str, tmp_path: Path) -> None:
+    trainer = trained_a_little(model_path)
+    policy = trainer.policy
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    out = export_hf(policy, tokenizer, tmp_path / "hf", trainer.runtime, merged=True)
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()  # the folder holds the adapters, not a copy of the base
+    expected = greedy(policy, PROMPT)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        logits = policy(input_ids=ids).logits
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), out).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", local_files_only=True)
+    with torch.no_grad():
+        assert torch.allclose(adapted(input_ids=ids).logits, logits, atol=1e-5)
+        assert torch.allclose(merged(input_ids=ids).logits, logits, atol=1e-5)
+    assert greedy(adapted, PROMPT) == expected == greedy(merged, PROMPT)
+    assert AutoTokenizer.from_pretrained(out).encode("3+4=") == tokenizer.encode("3+4=")
+
+
+def test_slipstream_export_rebuilds_the_adapters_of_a_lora_checkpoint(model_path: str, tmp_path: Path) -> None:
+    from slipstream.cli import main
+
+    trainer = trained_a_little(model_path)
+    trained = torch.nn.ModuleDict({"policy": trainer.policy})
+    Checkpointer(tmp_path / "checkpoints", trainer.runtime).save(3, trained, trainer.optimizer, {"step": 3})
+    out = tmp_path / "hf"
+    assert main(["export", str(tmp_path / "checkpoints"), str(out), "--model", model_path, "--merged"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", local_files_only=True)
+    assert greedy(merged, PROMPT) == greedy(trainer.policy, PROMPT)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), out)
+    assert greedy(adapted.eval(), PROMPT) == greedy(trainer.policy, PROMPT)
+
+
+def test_lora_settings_are_bounded_and_name_the_field(tmp_path: Path) -> None:
+    toml = tmp_path / "lora.toml"
+    toml.write_text('[model]\npath = "m"\n\n[model.lora]\nrank = 64\nalpha = 128\ntarget_modules = ["q_proj"]\n')
+    settings = load_settings(LearnerSettings, toml, [])
+    assert settings.model.lora == LoraConfig(rank=64, alpha=128, target_modules=["q_proj"])
+    assert load_settings(LearnerSettings, None, []).model.lora is None  # no section: full fine-tuning
+    for override, message in [
+        (["--model.lora.rank", "0"], "model.lora.rank: Input should be greater than or equal to 1"),
+        (["--model.lora.dropout", "1"], "model.lora.dropout: Input should be less than 1"),
+        (["--model.lora.target_modules", "[]"], "model.lora.target_modules: Value error, must name at least one"),
+        (["--model.lora.target_modules", '["q proj"]'], "are not module names"),
+        (["--model.lora.ranks", "8"], "model.lora.ranks: Extra inputs are not permitted"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+            load_settings(LearnerSettings, toml, override)
+
+
+def test_targets_that_match_no_linear_layer_are_refused(model_path: str) -> None:
+    runtime = init_distributed(LearnerConfig())
+    with pytest.raises(ValueError, match="model.lora.target_modules: .*not found"):
+        load_policy(model_path, runtime, adapters=peft_config(LoraConfig(target_modules=["no_such_proj"])))
+    with pytest.raises(ValueError, match="model.lora.target_modules: only linear layers.*Embedding"):
+        load_policy(model_path, runtime, adapters=peft_config(LoraConfig(target_modules=["embed_tokens"])))
+
+
+def test_adapter_dropout_applies_only_when_asked(model_path: str) -> None:
+    runtime = init_distributed(LearnerConfig())
+    ids = torch.tensor([PROMPT])
+    for dropout, differ in [(0.0, False), (0.5, True)]:
+        policy = load_policy(model_path, runtime, adapters=peft_config(LoraConfig(rank=4, dropout=dropout)))
+        with torch.no_grad():
+            for name, p in policy.named_parameters():  # before any forward (FSDP2 holds the sharded parameters)
+                if ".lora_B." in name:
+                    p.normal_(std=0.5)  # with B = 0 the adapters' input, dropped or not, changes nothing
+            first, second = (policy(input_ids=ids).logits for _ in range(2))
+        assert (not torch.equal(first, second)) == differ, dropout
+        assert not any(m.training for n, m in policy.named_modules() if "lora_dropout" not in n)  # the rest: eval
