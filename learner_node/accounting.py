@@ -2,7 +2,8 @@
 
 The Redis hash `<bus.prefix>accounting` (e.g. `slipstream:accounting`) holds integer fields:
 
-    published                  producers HINCRBY it right after each successful publish (rollout nodes, proxy)
+    published                  a rollout node's answer to a task in the publish's own MULTI; other producers
+                                 HINCRBY it right after each successful publish
     trained                    the learner, in ONE MULTI with the step's XACKs and dedup marks (`settle`)
     dropped:duplicate          same MULTI: members of a group whose trajectory id was trained already
     dropped:zero_variance      settled like trained ones (`settle(..., outcome=...)`): groups whose rewards were all
@@ -282,6 +283,20 @@ class Ledger:
             return sum(trajectory_count(f.get(b"data", b"")) for f in unsettled)
 
         return self.redis.retrying(op)
+
+    def snapshot(self, attempts: int = 5) -> tuple[dict[str, int], int | None]:
+        """(totals, in_flight) of one moment. A rollout node's publish, a settle and a drop each move their counts
+        and their entries in one transaction, but the two are read apart: a publish between the reads would count
+        its trajectories in flight and not yet published. Totals unchanged across the in-flight read mean no
+        transaction landed in between; after `attempts` busy tries, the last pair (off by what landed meanwhile)."""
+        totals = self.totals()
+        for _ in range(attempts):
+            in_flight = self.in_flight()
+            after = self.totals()
+            if after == totals:
+                break
+            totals = after
+        return totals, in_flight
 
 
 def _task_id(data: bytes) -> str:

@@ -541,9 +541,8 @@ class LearnerNode:
         if self.rank != 0:
             return
         self.dropped.update(self.ledger.scan_dead(self.task_prefix))
-        accounting = self.ledger.totals()
+        accounting, in_flight = self.ledger.snapshot()  # producers may still publish while the learner stops
         published = accounting.get("published")
-        in_flight = self.ledger.in_flight()
         settled = accounting.get("trained", 0) + sum(v for k, v in accounting.items() if k.startswith("dropped:"))
         log.info(
             "summary",

@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bus.codec import encode
 from bus.config import BusConfig
 from bus.consumer import MessageConsumer
 from bus.producer import Producer
 from bus.schema import Task
 from bus.transport import setup_transport
+from bus.transport.base import Delivery
 from slipstream.demo_model import build_demo_model
 
 Event = dict[str, Any]
@@ -28,9 +30,9 @@ Event = dict[str, Any]
 
 class FakeRollout:
     """Answers every task with a group of random completions (Producer SDK), like a rollout node: group id = task
-    id, trajectory ids `<task id>:<i>`, policy version = the task's min_version, and HINCRBY published after each
-    publish. `extra(producer, redis_client, version)` is called once, after `extra_after` tasks were answered, with
-    the min_version of the last task (a version the learner is at, or close to)."""
+    id, trajectory ids `<task id>:<i>`, policy version = the task's min_version, the group, its published count and
+    the task's ack in one transaction. `extra(producer, redis_client, version)` is called once, after `extra_after`
+    tasks were answered, with the min_version of the last task (a version the learner is at, or close to)."""
 
     def __init__(
         self, url: str, extra: Callable[[Producer, Any, int], None] | None = None, extra_after: int = 0
@@ -81,11 +83,14 @@ class FakeRollout:
                 group.id = task.id
                 for member in members:
                     member.group_id = task.id
-                producer.send(group)
-                client.hincrby(self.config.prefix + "accounting", "published", len(members))
+                # As a rollout node publishes: the group, its count and the task's ack in one transaction.
+                source = Delivery(tasks.stream, received.entry_id, received.data, received.deliveries)
+                counter = (self.config.prefix + "accounting", "published", len(members))
+                payload = encode(group, limits=self.config.limits())
+                self.transport.publish_and_ack(producer.stream, [payload], source, "rollout", "fake-0", counter)
+                tasks.forget(received)
                 self.published += len(members)
                 self.answered += 1
-                tasks.ack(received)
 
 
 class LearnerProcess:
