@@ -58,8 +58,8 @@ REWARD_ATTEMPTS = 5  # a reward call answered 503 (publishing failed, the node s
 
 @dataclass
 class Episode:
-    """What one session did: the digit the tool drew (None: never called), the final answer (None: every reply
-    called the tool), the reward."""
+    """What one session did: the digit the tool drew, as the model last saw it (None: never shown), the final
+    answer (None: every reply called the tool), the reward."""
 
     drawn: str | None
     answer: str | None
@@ -144,14 +144,17 @@ def run_episode(
     messages: list[dict[str, Any]] = [{"role": "user", "content": QUESTION}]
     drawn: str | None = None
     answer: str | None = None
-    ended = False
-    for _ in range(args.max_turns):
+    ended = called = False
+    for turn in range(args.max_turns):
         reply = streamed_reply(client, messages, args.max_tokens, args.temperature)
         ended = reply.pop("finish_reason") == "stop"
         messages.append(reply)
         if "tool_calls" not in reply:
             answer = reply["content"] or ""
             break
+        called = True
+        if turn == args.max_turns - 1:
+            break  # no reply would follow: these calls are not run (their results would never reach the model)
         for call in reply["tool_calls"]:
             result = run_tool(call["function"]["name"], call["function"]["arguments"], rng)
             drawn = result if result.isdigit() else drawn
@@ -159,7 +162,7 @@ def run_episode(
     reward = score(drawn, answer, ended)
     body = {
         "reward": reward,
-        "rewards": {"correct": float(drawn is not None and answer == drawn), "called": float(drawn is not None)},
+        "rewards": {"correct": float(drawn is not None and answer == drawn), "called": float(called)},
         "group_id": group_id,
         "meta": {"drawn": drawn, "answer": answer},
     }
