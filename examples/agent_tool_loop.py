@@ -18,6 +18,8 @@ The reward (shaped, and said so: a random policy would otherwise see 0 on almost
     slipstream up --config configs/agent-tools.toml          # the learner, a rollout node with the proxy, this agent
     python examples/agent_tool_loop.py --proxy http://127.0.0.1:8000 --episodes 64   # against a running proxy
 
+docs/agents.md has the learning curve of the first command, and what it does not learn.
+
 The proxy is `--proxy`, else $SLIPSTREAM_PROXY_URL (set by `slipstream up`); a proxy token, when the node has one,
 is $SLIPSTREAM_PROXY_TOKEN. Every `--report-every` episodes it prints one JSON line, {"episodes": N, "success": ...,
 "called": ..., "reward": ...} over those episodes, and at the end the same over all of them plus "trajectories".
