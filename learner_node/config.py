@@ -128,6 +128,12 @@ class LearnerConfig(Section):
     )
 
     # --- batches and admission ---------------------------------------------------------------------------------
+    tasks: Literal["dataset", "none"] = Field(
+        "dataset",
+        description="dataset: rank 0 publishes the task's prompts (admission) and the eval runs on them; none: no "
+        "tasks and no eval, the learner trains only what external producers send (agents through the proxy, the "
+        "producer SDK), grouped by group_id",
+    )
     groups_per_step: int = Field(
         8, ge=1, le=100_000, description="groups (prompts; DPO: pairs) per optimizer step, over all ranks"
     )
@@ -321,6 +327,8 @@ class LearnerConfig(Section):
         needs_pairs = self.algorithm == "grpo" or (self.algorithm == "dpo" and self.dpo_source == "online")
         if needs_pairs and self.min_group_size < 2:
             raise ValueError("min_group_size: must be >= 2 for grpo and online dpo (a baseline or a pair needs two)")
+        if self.tasks == "none" and self.target_accuracy is not None:
+            raise ValueError("target_accuracy: never reached with tasks = 'none' (there is no eval): leave it out")
         if self.importance_floor >= self.importance_cap:
             raise ValueError(f"importance_floor ({self.importance_floor}) must be < importance_cap")
         return self

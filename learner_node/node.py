@@ -2,7 +2,8 @@
 
 One loop per rank (all ranks in lockstep; rank 0 also admits tasks and reports):
 
-1. rank 0 publishes tasks within the admission capacity (`admission.py`);
+1. rank 0 publishes tasks within the admission capacity (`admission.py`; none with `learner.tasks = "none"`, where
+   only external producers' trajectories are trained);
 2. every rank polls its consumer (`learner-<rank>` in group `learner`), assembles groups (`groups.py`) and drops
    what is too stale (policy version lag > max_staleness) or incomplete to the dead stream;
 3. the ranks exchange how many groups each holds; once they hold `groups_per_step` together, each hands in a quota
@@ -214,7 +215,7 @@ class LearnerNode:
         self.ready: list[Unit] = []
         self.admission: Admission | None = None
         self.dataset = build_dataset(settings.task, "train", self.tokenizer)
-        if self.rank == 0 and not self.from_dataset:
+        if self.rank == 0 and not self.from_dataset and cfg.tasks == "dataset":
             tasks_stream = settings.bus.stream("tasks")
             self.admission = Admission(
                 self.dataset,
@@ -490,6 +491,7 @@ class LearnerNode:
             staleness_mean=round(float(lags.mean()), 3),
             staleness_max=int(lags.max()),
             tokens_per_s=round(tokens / max(seconds, 1e-9), 1),
+            loss_tokens=loss_tokens,
             samples=trained,
             dropped=sum(self.dropped.values()),
             elapsed=round(time.monotonic() - self.started, 2),
@@ -503,6 +505,8 @@ class LearnerNode:
         return bool(self.task_prefix) and (unit.task_id or "").startswith(self.task_prefix)
 
     def _evaluate(self) -> None:
+        if self.cfg.tasks == "none":  # the eval runs the task's prompts: a learner without tasks has none to run
+            return
         result = self.evaluator.evaluate(self.policy)
         self.eval_accuracy = result["eval_accuracy"]
         if self.rank == 0:

@@ -239,9 +239,8 @@ class AgentProxy:
             if calls:
                 message["tool_calls"] = calls
                 if session_id is not None:  # the agent sends these calls back: they render as what was generated
-                    self.sessions.get(session_id, create=False).tool_texts.update(
-                        (call["id"], sample.text) for call in calls
-                    )
+                    written = self._written_back(sample)
+                    self.sessions.get(session_id, create=False).tool_texts.update((c["id"], written) for c in calls)
             finish = "tool_calls" if calls else sample.finish_reason
             choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
         reply = self._reply("chat.completion", "chatcmpl-", choices, prompt, samples)
@@ -357,6 +356,15 @@ class AgentProxy:
         if session is not None:
             session.add(context, samples[0])
         return prompt_ids, samples
+
+    def _written_back(self, sample: Sample) -> str:
+        """A reply's text as the chat template must write it back for the session to stay one token stream: special
+        tokens kept (a reply with one inside re-tokenizes to the same ids; `sample.text` drops them), a final eos
+        left out (the template ends the turn with its own)."""
+        ids = sample.response_ids
+        if ids and ids[-1] == self.tokenizer.eos_token_id:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _default_max_tokens(self, prompt_tokens: int) -> int:
         """proxy_max_tokens, or fewer when the model's context (the tokenizer's model_max_length) leaves less room."""

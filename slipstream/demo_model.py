@@ -6,8 +6,12 @@ model.safetensors, tokenizer.json, tokenizer_config.json, chat_template.jinja) t
 
 The vocabulary is one token per character ("\\n" and printable ASCII 32..126) after four special tokens, so every
 digit and operator of the demo's arithmetic prompts ("3+4=" -> "7") is a single token and the answer ends with
-`<|im_end|>`, the eos token. The defaults (~0.4M parameters) train with RL on two CPU cores; the size knobs let a
-benchmark build a larger one (e.g. hidden_size=256, num_layers=6, intermediate_size=768: ~4.7M parameters).
+`<|im_end|>`, the eos token. `tool_tokens` adds one token per named tool whose text is that tool's whole
+no-argument call in the Hermes format (`<tool_call>{"name": "roll", "arguments": {}}</tool_call>`): a tool is one
+action of the policy, as in ToolkenGPT (arXiv 2305.11554), so a random policy finds it by sampling, and the call it
+writes is the text any Hermes tool-call parser reads. The defaults (~0.4M parameters) train with RL on two CPU
+cores; the size knobs let a benchmark build a larger one (e.g. hidden_size=256, num_layers=6,
+intermediate_size=768: ~4.7M parameters).
 
 This module stays torch-free at import time (the `slipstream demo-model` command reads `DemoModelSpec` to build its
 options before anything heavy is imported); torch, transformers and tokenizers are imported by the builder.
@@ -16,6 +20,7 @@ options before anything heavy is imported); torch, transformers and tokenizers a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +36,15 @@ SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)
 # One token per character: newline, then printable ASCII (space .. tilde). Ids follow the special tokens.
 CHARACTERS = ("\n", *(chr(code) for code in range(32, 127)))
 VOCAB = {token: token_id for token_id, token in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
-# Qwen-style chat turns; the demo's plain prompts ("3+4=") do not need it, chat-style tasks do.
+TOOL_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+# Qwen-style chat turns; the demo's plain prompts ("3+4=") do not need it, chat-style tasks do. `tools` are rendered
+# as a system turn naming them (a tiny model gains nothing from their JSON schemas but a longer prompt).
 CHAT_TEMPLATE = (
+    "{% if tools %}"
+    + BOS_TOKEN
+    + "system\ntools: {{ tools | map(attribute='function.name') | join(', ') }}"
+    + EOS_TOKEN
+    + "\n{% endif %}"
     "{% for message in messages %}" + BOS_TOKEN + "{{ message['role'] }}\n{{ message['content'] }}" + EOS_TOKEN + "\n"
     "{% endfor %}{% if add_generation_prompt %}" + BOS_TOKEN + "assistant\n{% endif %}"
 )
@@ -57,13 +69,30 @@ class DemoModelSpec(Section):
         0.02, gt=0, le=1.0, description="std of the random weights (0.02 starts near uniform; larger is more peaked)"
     )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the random initialisation")
+    tool_tokens: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="tools that each get one token, the text of its whole no-argument Hermes call "
+        '(<tool_call>{"name": NAME, "arguments": {}}</tool_call>); names are identifiers',
+    )
     vocab_size: int = Field(
         len(VOCAB),
         ge=len(VOCAB),
         le=262144,
-        description=f"rows of the embedding and LM head: {len(VOCAB)} (the tokenizer's) or more, to give the model a "
-        "real LM head's size (e.g. 151936, Qwen2's); the tokenizer never produces the extra ids and decodes them to ''",
+        description=f"rows of the embedding and LM head: {len(VOCAB)} (the tokenizer's, plus one per tool token) or "
+        "more, to give the model a real LM head's size (e.g. 151936, Qwen2's); the tokenizer never produces the extra "
+        "ids and decodes them to ''",
     )
+
+    @field_validator("tool_tokens")
+    @classmethod
+    def _tool_names(cls, names: list[str]) -> list[str]:
+        bad = [name for name in names if not re.fullmatch(TOOL_NAME, name)]
+        if bad:
+            raise ValueError(f"tool names must match {TOOL_NAME} (got {bad})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"tool names must be distinct (got {names})")
+        return names
 
     @field_validator("num_heads")
     @classmethod
@@ -96,9 +125,9 @@ def build_demo_model(path: str | Path, **spec: Any) -> Path:
     shape = DemoModelSpec(**spec)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_demo_tokenizer(shape.max_position_embeddings)
+    tokenizer = build_demo_tokenizer(shape.max_position_embeddings, shape.tool_tokens)
     config = LlamaConfig(
-        vocab_size=shape.vocab_size,
+        vocab_size=max(shape.vocab_size, len(tokenizer)),
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_layers,
@@ -129,9 +158,15 @@ def build_demo_model(path: str | Path, **spec: Any) -> Path:
     return folder
 
 
-def build_demo_tokenizer(model_max_length: int) -> Any:
-    """The character-level tokenizer as a `PreTrainedTokenizerFast` (left padding, chat template set)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def tool_call_text(name: str) -> str:
+    """The Hermes call of tool `name` with no arguments: the text of its tool token."""
+    return f'<tool_call>{{"name": "{name}", "arguments": {{}}}}</tool_call>'
+
+
+def build_demo_tokenizer(model_max_length: int, tool_tokens: list[str] | tuple[str, ...] = ()) -> Any:
+    """The character-level tokenizer as a `PreTrainedTokenizerFast` (left padding, chat template set), with one
+    token per tool in `tool_tokens` (ids after the characters; not special, so decoding keeps their text)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.WordLevel(VOCAB, unk_token=UNK_TOKEN))
@@ -139,6 +174,7 @@ def build_demo_tokenizer(model_max_length: int) -> Any:
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     core.add_special_tokens(list(SPECIAL_TOKENS))
+    core.add_tokens([AddedToken(tool_call_text(name), special=False, normalized=False) for name in tool_tokens])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token=PAD_TOKEN,

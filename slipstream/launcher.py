@@ -3,6 +3,7 @@
     embedded redis-server (unless bus.url is set)
     learner   = python -m slipstream learner --config C [learner overrides]      (telemetry port P)
     rollout i = python -m slipstream rollout --config C [rollout overrides]      (telemetry port P + 1 + i)
+    agent     = up.agent.command, once rollout-0's agent proxy answers          (only with [up.agent])
 
 Every child reads the same TOML; the launcher hands each only the CLI overrides of sections it has, the addresses
 it made up (bus URL, broadcast port) through SLIPSTREAM_* environment variables, and last on its command line what
@@ -10,6 +11,11 @@ must differ per child (telemetry port, node id). It renders the learner's progre
 stderr; `slipstream.progress`): a live table when stdout is a terminal, a line per step and evaluation otherwise. It
 ends with a summary whose last line holds `eval_accuracy=<value>` and the elapsed seconds. Children are stopped
 (SIGTERM, then SIGKILL) when the learner ends, when one fails, or on Ctrl-C; the embedded Redis goes with them.
+
+An agent (`[up.agent]`) is an external process that trains the policy through the agent proxy, as any agent would
+on a cluster: the launcher gives rollout-0 a free `rollout.proxy_port`, starts the command once the proxy answers,
+with the proxy's URL in SLIPSTREAM_PROXY_URL, and logs it to agent.log. It is not restarted: an agent that exits 0 has
+finished (the cluster stops, the learner with its summary), one that fails fails the run.
 """
 
 from __future__ import annotations
@@ -35,6 +41,21 @@ from telemetry.config import TelemetryConfig
 log = structlog.get_logger(__name__)
 
 STOP_GRACE_S = 20.0  # SIGTERM lets a rollout node finish or release its tasks; then SIGKILL
+AGENT = "agent"  # the agent child's name (and log file)
+
+
+class AgentCommand(Section):
+    """The `[up.agent]` section: an agent process run against rollout-0's agent proxy."""
+
+    command: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="the agent's command line, run in the current directory ([] = no agent); a first word 'python' "
+        "is the interpreter running `slipstream up`. It finds the proxy in SLIPSTREAM_PROXY_URL",
+    )
+    ready_timeout_s: float = Field(
+        300.0, gt=0, le=3600, description="how long rollout-0's proxy may take to answer before the run fails"
+    )
 
 
 class UpConfig(Section):
@@ -51,6 +72,9 @@ class UpConfig(Section):
     )
     timeout_s: float = Field(3600.0, gt=0, le=7 * 86400, description="stop everything after this long")
     log_dir: str | None = Field(None, description="children's logs go here (None: <run.output_dir>/logs)")
+    agent: AgentCommand = Field(
+        default_factory=AgentCommand, description="an agent process trained through rollout-0's agent proxy"
+    )
 
 
 class UpSettings(NodeSettings):
@@ -111,9 +135,39 @@ class Cluster:
         env["SLIPSTREAM_BROADCAST__MASTER_PORT"] = env["SLIPSTREAM_WEIGHTS__MASTER_PORT"] = broadcast_port
         base_port = self.settings.telemetry.port
         self._spawn("learner", "learner", env, ["--telemetry.port", str(base_port)], pipe=True)
+        proxy_port = free_port() if self.settings.up.agent.command else None
         for i in range(self.settings.up.rollout_nodes):
             own = ["--telemetry.port", str(base_port + 1 + i), "--rollout.node_id", f"rollout-{i}"]
+            if i == 0 and proxy_port is not None:
+                own += ["--rollout.proxy_port", str(proxy_port), "--rollout.proxy_host", "127.0.0.1"]
             self._spawn(f"rollout-{i}", "rollout", env, own, pipe=False)
+        if proxy_port is not None:
+            self._start_agent(f"http://127.0.0.1:{proxy_port}", env)
+
+    def _start_agent(self, proxy_url: str, env: dict[str, str]) -> None:
+        """Wait until rollout-0's proxy answers GET /v1/models, then start the agent command against it."""
+        import httpx
+
+        agent = self.settings.up.agent
+        deadline = time.monotonic() + agent.ready_timeout_s
+        while True:
+            if self.children["rollout-0"].poll() is not None:
+                log_path = self.log_dir / "rollout-0.log"
+                raise SystemExit(f"rollout-0 exited before its agent proxy answered; see {log_path}")
+            try:
+                if httpx.get(f"{proxy_url}/v1/models", timeout=2.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"rollout-0's agent proxy did not answer within {agent.ready_timeout_s:.0f}s "
+                                 "(up.agent.ready_timeout_s)")  # fmt: skip
+            time.sleep(0.5)
+        argv = [sys.executable, *agent.command[1:]] if agent.command[0] == "python" else list(agent.command)
+        log_file = open(self.log_dir / f"{AGENT}.log", "wb")  # noqa: SIM115 - lives as long as the child
+        agent_env = dict(env, SLIPSTREAM_PROXY_URL=proxy_url)
+        self.children[AGENT] = subprocess.Popen(argv, env=agent_env, stdout=log_file, stderr=subprocess.STDOUT)
+        self._say(f"agent started against {proxy_url}: {' '.join(agent.command)}")
 
     def _prepare_model(self) -> None:
         """Build the demo model where asked; a path that is no local folder is left to the nodes as a Hub id."""
@@ -157,7 +211,8 @@ class Cluster:
 
     # --- run and stop -----------------------------------------------------------------------------------------
     def wait(self) -> int:
-        """Until the learner ends (its exit code), a rollout node fails (1) or the timeout passes (124)."""
+        """Until the learner ends (its exit code), a rollout node or the agent fails (1), the agent finishes (0) or
+        the timeout passes (124)."""
         deadline = time.monotonic() + self.settings.up.timeout_s
         learner = self.children["learner"]
         while not self._stopping.is_set():
@@ -165,6 +220,9 @@ class Cluster:
             if code is not None:
                 return code
             for name, proc in self.children.items():
+                if name == AGENT and proc.poll() == 0:
+                    self._say("the agent finished: stopping the cluster")
+                    return 0
                 if name != "learner" and proc.poll() is not None:
                     self._say(f"{name} exited with {proc.returncode}; see {self.log_dir / (name + '.log')}")
                     return 1

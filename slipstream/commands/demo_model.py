@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 default=field.default,
                 help=f"{field.description} (default: %(default)s)",
             )
+        elif field.annotation == list[str]:
+            parser.add_argument(
+                flag, nargs="*", default=[], metavar="NAME", help=f"{field.description} (default: none)"
+            )
         else:
             parser.add_argument(
                 flag,

@@ -5,6 +5,7 @@ idle sessions expire, and a weight update from a real `WeightSender` is answered
 from __future__ import annotations
 
 import json
+import random
 import runpy
 import subprocess
 import sys
@@ -149,14 +150,20 @@ def test_the_example_agent_publishes_one_trajectory_per_episode(
     proxy = start_proxy()
     monkeypatch.setenv("SLIPSTREAM_PROXY_TOKEN", TOKEN)
     example = runpy.run_path(str(EXAMPLE))
-    assert example["calculate"]("2+3*4") == "14" and example["calculate"]("2**9").startswith("error")
-    assert example["main"](["--proxy", proxy.url, "--episodes", "3", "--max-tokens", "6"]) == 0
+    rng = random.Random(0)
+    assert example["run_tool"]("draw_number", "{}", rng).isdigit()
+    assert example["run_tool"]("draw_number", '{"n": 1}', rng).startswith("error")
+    cases = [(None, "3", True), ("3", None, False), ("3", "x", False), ("3", "37", False), ("3", "3", True)]
+    assert [example["score"](*case) for case in cases] == [0.0, 0.0, 0.2, pytest.approx(0.8), pytest.approx(1.9)]
+    args = ["--proxy", proxy.url, "--episodes", "3", "--group-size", "3", "--concurrency", "2", "--max-tokens", "6"]
+    assert example["main"](args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     trajectories = {t.id: t for t in published(bus)}
     assert sorted(trajectories) == sorted(summary["trajectories"]) and summary["episodes"] == 3
+    assert len({t.group_id for t in trajectories.values()}) == 1  # one GRPO group of --group-size episodes
     for traj in trajectories.values():
-        assert traj.loss_mask.tolist()[0] == 1 and traj.reward == traj.rewards["correct"]
-        assert "question" in traj.meta
+        assert traj.loss_mask.tolist()[0] == 1 and set(traj.rewards) == {"correct", "called"}
+        assert set(traj.meta) >= {"drawn", "answer", "session"}
 
 
 def test_state_changing_routes_need_the_token(start_proxy: Callable[..., AgentProxy]) -> None:
@@ -326,10 +333,11 @@ def test_tool_calls_come_back_parsed_and_the_next_turn_continues_the_session(
     start_proxy: Callable[..., AgentProxy], bus: Transport, engine: TorchEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The demo model never writes a tool call: the engine's first answer is replaced by one (a real tokenizer's
-    # ids), the second is the real engine's. The proxy must parse it, and render it back as the text it was.
+    # ids), the second is the real engine's. The proxy must parse it, and render it back as the ids it was: the
+    # special token after the call, which the reply's text drops, too.
     tokenizer, real_generate = engine.tokenizer, engine.generate
     call_text = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
-    ids = [*tokenizer.encode(call_text, add_special_tokens=False), tokenizer.eos_token_id]
+    ids = [*tokenizer.encode(call_text, add_special_tokens=False), tokenizer.pad_token_id, tokenizer.eos_token_id]
     scripted = Sample(ids, [-0.5] * len(ids), [-0.5] * len(ids), "stop", [(0, len(ids), 0)], 0, call_text)
     answers = iter([[[scripted]]])
     monkeypatch.setattr(engine, "generate", lambda *a, **k: next(answers, None) or real_generate(*a, **k))

@@ -40,6 +40,8 @@ def test_settings_from_toml_and_overrides(tmp_path: Path) -> None:
         (["--learner.importance_floor", "0.9", "--learner.importance_cap", "0.5"], "importance_floor (0.9) must be <"),
         (["--learner.num_generations", "1"], "num_generations (1) must be >= min_group_size (2)"),
         (["--learner.group_timeout_s", "120"], "group_timeout_s (120.0) must be shorter than bus.lease_ms"),
+        (["--learner.tasks", "none", "--learner.target_accuracy", "0.9"], "target_accuracy: never reached with tasks"),
+        (["--learner.tasks", "agent"], "learner.tasks"),
     ],
 )
 def test_bad_settings_name_the_field_and_the_rule(override: list[str], message: str) -> None:

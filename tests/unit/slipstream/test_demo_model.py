@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slipstream.cli import main as cli_main
-from slipstream.demo_model import build_demo_model
+from slipstream.demo_model import build_demo_model, tool_call_text
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,27 @@ def test_chat_template_renders_turns(demo_path: Path) -> None:
     assert text == "<|im_start|>user\n3+4=<|im_end|>\n<|im_start|>assistant\n"
     ids = tokenizer.encode(text)
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.eos_token_id) == 1
+
+
+def test_a_tool_token_is_one_whole_hermes_call_and_tools_are_rendered(tmp_path: Path) -> None:
+    path = build_demo_model(tmp_path / "tools", tool_tokens=["draw_number", "roll"])
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    assert model.config.vocab_size == len(tokenizer) == 102  # the characters' 100, one row per tool
+    call = tool_call_text("draw_number")
+    assert call == '<tool_call>{"name": "draw_number", "arguments": {}}</tool_call>'
+    ids = tokenizer.encode("a" + call + "7", add_special_tokens=False)
+    assert len(ids) == 3 and tokenizer.decode(ids, skip_special_tokens=True) == "a" + call + "7"  # not special
+    assert tokenizer.encode("3+4=", add_special_tokens=False) == AutoTokenizer.from_pretrained(
+        build_demo_model(tmp_path / "plain", num_layers=1)
+    ).encode("3+4=", add_special_tokens=False)  # the characters keep their ids
+    tools = [{"type": "function", "function": {"name": n, "parameters": {}}} for n in ("draw_number", "roll")]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=tools, tokenize=False)
+    assert text == "<|im_start|>system\ntools: draw_number, roll<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    with pytest.raises(ValidationError, match="tool names must match"):
+        build_demo_model(tmp_path / "bad", tool_tokens=["draw number"])
+    assert cli_main(["demo-model", str(tmp_path / "cli"), "--num-layers", "1", "--tool-tokens", "roll"]) == 0
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "cli")) == 101
 
 
 def test_same_seed_same_weights_and_size_knobs(tmp_path: Path) -> None:
