@@ -24,14 +24,13 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from peft import LoraConfig as PeftLoraConfig
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -43,7 +42,10 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers import AutoModelForCausalLM
 
 from bus.settings import HubSource
-from learner_node.lora import ADAPTER, is_lora, merged_weights
+from learner_node.lora import ADAPTER, is_lora, merged_weights, saved_peft_config
+
+if TYPE_CHECKING:
+    from peft import LoraConfig as PeftLoraConfig  # imported only with [model.lora] (learner_node.lora)
 from learner_node.model import Runtime, full_state_dict
 from telemetry.metrics import LEARNER_CHECKPOINT_DURATION
 
@@ -244,7 +246,7 @@ def export_checkpoint(
         raise FileNotFoundError(f"checkpoint: {path} holds no dcp/ folder (a step-N folder of a learner's checkpoints)")
     source = source or HubSource()
     runtime = init_distributed(LearnerConfig(device="cpu"))
-    adapters = PeftLoraConfig.from_pretrained(str(path)) if (path / ADAPTER_CONFIG).exists() else None
+    adapters = saved_peft_config(path) if (path / ADAPTER_CONFIG).exists() else None
     policy = load_policy(model_path, runtime, source=source, adapters=adapters)  # trainable: TRAINED's keys
     trained = nn.ModuleDict({"policy": policy})  # the learner saves its trained modules under these names
     state = trained_state_dict(trained)[0]

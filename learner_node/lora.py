@@ -14,16 +14,22 @@ of PEFT's `Linear.get_delta_weight`.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
-from peft.tuners.lora import Linear as LoraLinear
-from peft.tuners.lora import LoraLayer
-from peft.utils.other import transpose
 from torch import nn
 from transformers import PreTrainedModel
 
 from bus.settings import LoraConfig
+
+# peft is imported where adapters are used, not here: importing it takes ~1.5 s, paid by every learner process
+# (and every test that starts one) that has no [model.lora].
+if TYPE_CHECKING:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
 
 ADAPTER = "default"  # PEFT's name of the one adapter a policy has
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's own parameter names
@@ -32,16 +38,28 @@ BASE_LAYER = ".base_layer"  # what a wrapped layer's own weight and bias gain in
 
 def peft_config(cfg: LoraConfig) -> PeftLoraConfig:
     """PEFT's LoraConfig for the `[model.lora]` section (a causal LM, no bias trained)."""
+    from peft import LoraConfig as PeftLoraConfig
+
     return PeftLoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
         bias="none", task_type="CAUSAL_LM",
     )  # fmt: skip
 
 
+def saved_peft_config(folder: str | Path) -> PeftLoraConfig:
+    """The adapters' PEFT LoraConfig saved in `folder` (its adapter_config.json)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig.from_pretrained(str(folder))
+
+
 def add_adapters(model: PreTrainedModel, adapters: PeftLoraConfig) -> PeftModel:
     """`model` with `adapters` injected (PEFT's `get_peft_model`: base weights frozen, A random, B zero, so the policy
     starts as the base model). A ValueError names `model.lora.target_modules` when they match no linear layer, or
     something else than linear layers."""
+    from peft import get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+
     try:
         wrapped = get_peft_model(model, adapters)
     except ValueError as exc:  # PEFT's "Target modules ... not found in the base model"
@@ -60,12 +78,15 @@ def enable_adapter_dropout(model: PeftModel) -> None:
 
 
 def is_lora(model: nn.Module) -> bool:
-    """Whether `model` is a policy with adapters."""
-    return isinstance(model, PeftModel)
+    """Whether `model` is a policy with adapters (never, while nothing has imported peft)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """The layers holding adapters, by module name."""
+    from peft.tuners.lora import LoraLayer
+
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
@@ -73,6 +94,8 @@ def merged_weights(model: PeftModel, state: dict[str, torch.Tensor]) -> dict[str
     """The base model's state dict with every adapter merged: `state` (the PeftModel's full state dict, e.g.
     `full_state_dict(model)`) renamed to the base model's names, each adapted weight replaced by a new tensor
     W + scaling * B @ A, the adapters' own tensors left out. `state` is not changed."""
+    from peft.utils.other import transpose
+
     merged: dict[str, torch.Tensor] = {}
     adapter_keys: set[str] = set()
     for name, layer in lora_layers(model).items():

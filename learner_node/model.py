@@ -19,14 +19,12 @@ import re
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -36,6 +34,10 @@ from bus.settings import HubSource, load_pretrained
 from learner_node.batching import Batch, response_logits
 from learner_node.config import LearnerConfig
 from learner_node.lora import add_adapters, enable_adapter_dropout, is_lora, merged_weights
+
+if TYPE_CHECKING:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel  # peft is imported only with [model.lora] (learner_node.lora)
 
 log = structlog.get_logger(__name__)
 

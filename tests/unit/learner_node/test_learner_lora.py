@@ -4,6 +4,8 @@ on request, the merged model)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,3 +209,10 @@ def test_adapter_dropout_applies_only_when_asked(model_path: str) -> None:
             first, second = (policy(input_ids=ids).logits for _ in range(2))
         assert (not torch.equal(first, second)) == differ, dropout
         assert not any(m.training for n, m in policy.named_modules() if "lora_dropout" not in n)  # the rest: eval
+
+
+def test_a_learner_without_lora_never_imports_peft() -> None:
+    # Importing peft costs ~1.5 s per learner process; only [model.lora] may pay it.
+    code = "import sys, learner_node.node, learner_node.checkpoint; print('peft' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "False"
