@@ -43,11 +43,11 @@ from transformers import AutoModelForCausalLM
 
 from bus.settings import HubSource
 from learner_node.lora import ADAPTER, is_lora, merged_weights, saved_peft_config
+from learner_node.model import Runtime, full_state_dict
+from telemetry.metrics import LEARNER_CHECKPOINT_DURATION
 
 if TYPE_CHECKING:
     from peft import LoraConfig as PeftLoraConfig  # imported only with [model.lora] (learner_node.lora)
-from learner_node.model import Runtime, full_state_dict
-from telemetry.metrics import LEARNER_CHECKPOINT_DURATION
 
 log = structlog.get_logger(__name__)
 
