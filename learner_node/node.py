@@ -135,14 +135,19 @@ class LearnerNode:
             node_id="learner",
             dtype=getattr(torch, settings.model.dtype),
         )
-        self.evaluator = Evaluator(
-            settings.task,
-            self.tokenizer,
-            runtime,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.eval_batch_size,
-            threshold=cfg.eval_threshold,
-            limit=cfg.eval_limit,
+        # learner.tasks = "none": no task prompts, so nothing to evaluate on (and no eval split to tokenize).
+        self.evaluator = (
+            Evaluator(
+                settings.task,
+                self.tokenizer,
+                runtime,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.eval_batch_size,
+                threshold=cfg.eval_threshold,
+                limit=cfg.eval_limit,
+            )
+            if cfg.tasks == "dataset"
+            else None
         )
         # What the eval measures: held-out rows, or the training prompts themselves (task.eval_split = "train").
         self.eval_split = "train" if settings.task.eval_split == TRAIN_SPLIT else "heldout"
@@ -505,7 +510,7 @@ class LearnerNode:
         return bool(self.task_prefix) and (unit.task_id or "").startswith(self.task_prefix)
 
     def _evaluate(self) -> None:
-        if self.cfg.tasks == "none":  # the eval runs the task's prompts: a learner without tasks has none to run
+        if self.evaluator is None:
             return
         result = self.evaluator.evaluate(self.policy)
         self.eval_accuracy = result["eval_accuracy"]
