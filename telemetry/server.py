@@ -16,6 +16,7 @@ must arrive within `request_timeout_s`, so a slow or silent client cannot hold a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qs
 
-import anyio
 import structlog
 from prometheus_client.exposition import choose_encoder
 from starlette.types import Receive, Scope, Send
@@ -109,14 +109,17 @@ class TelemetryServer:
     ) -> None:
         self.stop()
 
-    def health(self, probe: Probe) -> tuple[HTTPStatus, dict[str, Any]]:
+    async def health(self, probe: Probe) -> tuple[HTTPStatus, dict[str, Any]]:
         """The /healthz answer: status code and JSON body. Readiness failures and timeouts are 503, never raised."""
         if probe == "live":
             return HTTPStatus.OK, {"status": "ok"}
         if self._readiness is None:
             return HTTPStatus.OK, {"status": "ok", "ready": True}
         try:
-            ready, details = self._readiness_check().result(timeout=self.readiness_timeout_s)
+            # Awaited on the event loop: the check's own thread is the only one a probe costs. shield: a probe that
+            # times out leaves the shared check running for the next probe instead of cancelling it.
+            check = asyncio.wrap_future(self._readiness_check())
+            ready, details = await asyncio.wait_for(asyncio.shield(check), self.readiness_timeout_s)
             extra = {k: v for k, v in details.items() if k not in ("status", "ready")}
         except TimeoutError:
             ready, extra = False, {"error": f"readiness check did not answer within {self.readiness_timeout_s}s"}
@@ -193,8 +196,7 @@ class TelemetryServer:
             probe = query.get("probe", ["ready"])
             if len(probe) != 1 or probe[0] not in ("live", "ready"):
                 return _refusal(HTTPStatus.BAD_REQUEST, "probe: expected live or ready")
-            # The readiness check may block (a bus ping): wait for it on a worker thread, not the event loop.
-            code, body = await anyio.to_thread.run_sync(self.health, probe[0])
+            code, body = await self.health(probe[0])
             return code, json.dumps(body, default=str).encode(), "application/json", {}
         return _refusal(HTTPStatus.NOT_FOUND, "unknown path: /metrics and /healthz are served")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -134,10 +135,15 @@ def test_readiness_that_raises_is_503_with_the_error(server: TelemetryServer, re
 def test_readiness_that_hangs_is_503_and_shares_one_check(server: TelemetryServer, readiness: Readiness) -> None:
     readiness.release.clear()
     calls = readiness.calls
-    first, second = get(server, "/healthz"), get(server, "/healthz")
-    assert (first.status_code, second.status_code) == (503, 503)
+    first = get(server, "/healthz")
+    threads = threading.active_count()
+    with ThreadPoolExecutor(4) as pool:  # more probes while the check still hangs
+        later = list(pool.map(lambda _: get(server, "/healthz"), range(4)))
+        probing_threads = threading.active_count() - 4  # the pool's own
+    assert [r.status_code for r in (first, *later)] == [503] * 5
     assert "did not answer" in first.json()["error"]
-    assert readiness.calls == calls + 1  # the second probe waited on the same, still hanging, check
+    assert readiness.calls == calls + 1  # every later probe waited on the same, still hanging, check
+    assert probing_threads <= threads  # ... on the event loop: a probe holds no thread of its own
     assert get(server, "/healthz?probe=live").status_code == 200
     readiness.release.set()
 
