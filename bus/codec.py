@@ -108,13 +108,15 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
         _unpack(data, limits, size)
     try:
         wire = _DECODER.decode(data)
-        if type(wire.v) is not int or wire.v != SCHEMA_VERSION:
-            raise MessageError("v", "unsupported")  # named by the slow path below
-        msg = from_wire(wire, _CLASS_OF_WIRE_TYPE[type(wire)], "")
+        typed = type(wire.v) is int and wire.v == SCHEMA_VERSION  # else named by the slow path below
+        if typed:
+            msg = from_wire(wire, _CLASS_OF_WIRE_TYPE[type(wire)], "")
     except Exception:  # refused by the wire types (or by msgpack, reading meta): the slow path names why
-        return _decode_slowly(data, limits, size)
+        typed = False
     try:
-        check(msg, limits, "", size, typed=True)
+        if not typed:
+            msg = _decode_slowly(data, limits, size)
+        check(msg, limits, "", size, typed=typed)
     except MessageError:
         raise
     except Exception as exc:  # a bug, not the sender's fault; still never let a bad message crash a consumer
@@ -123,8 +125,8 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
 
 
 def _decode_slowly(data: bytes | bytearray | memoryview, limits: Limits, size: int) -> Message:
-    """The message msgspec refused, read as msgpack maps and checked rule by rule: the MessageError of the first
-    broken rule, or the message when it is valid in a form the wire types do not take."""
+    """The message msgspec refused, read as msgpack maps and built with `from_map` (for `check` to name the first
+    broken rule, or to accept it when it is valid in a form the wire types do not take)."""
     wire = _unpack(data, limits, size)
     if type(wire) is not dict:
         raise MessageError("data", f"must be a msgpack map (got {kind_of(wire)})")
@@ -135,14 +137,7 @@ def _decode_slowly(data: bytes | bytearray | memoryview, limits: Limits, size: i
     version = wire.get("v")
     if type(version) is not int or version != SCHEMA_VERSION:
         raise MessageError("v", f"unsupported schema version {show(version)} (this build reads {SCHEMA_VERSION})")
-    try:
-        msg = from_map(wire, cls, "")
-        check(msg, limits, "", size)
-    except MessageError:
-        raise
-    except Exception as exc:  # a bug, not the sender's fault; still never let a bad message crash a consumer
-        raise MessageError("data", f"internal decoder error ({error_text(exc)})") from exc
-    return msg
+    return from_map(wire, cls, "")
 
 
 def _unpack(data: bytes | bytearray | memoryview, limits: Limits, size: int) -> Any:
