@@ -49,7 +49,7 @@ TOOLS = [
         "type": "function",
         "function": {
             "name": "draw_number",
-            "description": "Draw a random digit (0-9).",
+            "description": "Draw a random digit (0 .. --choices - 1).",
             "parameters": {"type": "object", "properties": {}},
         },
     }
@@ -118,15 +118,16 @@ def streamed_reply(
     return message
 
 
-def run_tool(name: str, arguments: str, rng: random.Random) -> str:
-    """The tools, as a real agent runs them: an unknown tool or bad arguments come back as an error message."""
+def run_tool(name: str, arguments: str, rng: random.Random, choices: int) -> str:
+    """The tools, as a real agent runs them: an unknown tool or bad arguments come back as an error message.
+    `draw_number` draws one of the digits 0 .. choices - 1."""
     try:
         args = json.loads(arguments or "{}")
     except ValueError:
         return "error: arguments are not JSON"
     if name != "draw_number" or args:
         return f"error: no tool {name!r} with arguments {args!r}"
-    return str(rng.randint(0, 9))
+    return str(rng.randrange(choices))
 
 
 def run_episode(
@@ -158,7 +159,7 @@ def run_episode(
         if turn == args.max_turns - 1:
             break  # no reply would follow: these calls are not run (their results would never reach the model)
         for call in reply["tool_calls"]:
-            result = run_tool(call["function"]["name"], call["function"]["arguments"], rng)
+            result = run_tool(call["function"]["name"], call["function"]["arguments"], rng, args.choices)
             drawn = result if result.isdigit() else drawn
             messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
     reward = score(drawn, answer, ended)
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sampling temperature (the learner's learner.temperature must be the same)")  # fmt: skip
     parser.add_argument("--report-every", type=int, default=64, help="episodes per progress line")
     parser.add_argument("--seed", type=int, default=0, help="seeds the tool's draws")
+    parser.add_argument("--choices", type=int, default=10, choices=range(2, 11), metavar="2..10",
+                        help="the tool draws a digit 0 .. choices-1: a guess succeeds 1 in choices")  # fmt: skip
     args = parser.parse_args(argv)
     token = os.environ.get("SLIPSTREAM_PROXY_TOKEN") or None
     run = uuid.uuid4().hex[:8]

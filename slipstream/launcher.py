@@ -15,7 +15,9 @@ ends with a summary whose last line holds `eval_accuracy=<value>` and the elapse
 An agent (`[up.agent]`) is an external process that trains the policy through the agent proxy, as any agent would
 on a cluster: the launcher gives rollout-0 a free `rollout.proxy_port`, starts the command once the proxy answers,
 with the proxy's URL in SLIPSTREAM_PROXY_URL, and logs it to agent.log. It is not restarted: an agent that exits 0 has
-finished (the cluster stops, the learner with its summary), one that fails fails the run.
+finished (the cluster stops, the learner with its summary), one that fails fails the run. The agent runs in its own
+process group, and stopping signals the whole group: processes an agent started (workers, a shell's children) go
+with it, also when the agent itself has already exited.
 """
 
 from __future__ import annotations
@@ -151,9 +153,14 @@ class Cluster:
         agent = self.settings.up.agent
         deadline = time.monotonic() + agent.ready_timeout_s
         while True:
-            if self.children["rollout-0"].poll() is not None:
-                log_path = self.log_dir / "rollout-0.log"
-                raise SystemExit(f"rollout-0 exited before its agent proxy answered; see {log_path}")
+            if self._stopping.is_set():  # SIGTERM while the proxy starts: wait() answers 130 at once
+                return
+            for name, proc in self.children.items():  # the learner too: a run without it would never end well
+                if proc.poll() is not None:
+                    log_path = self.log_dir / f"{name}.log"
+                    raise SystemExit(
+                        f"{name} exited with {proc.returncode} before the agent proxy answered; see {log_path}"
+                    )
             try:
                 if httpx.get(f"{proxy_url}/v1/models", timeout=2.0).status_code == 200:
                     break
@@ -166,7 +173,9 @@ class Cluster:
         argv = [sys.executable, *agent.command[1:]] if agent.command[0] == "python" else list(agent.command)
         log_file = open(self.log_dir / f"{AGENT}.log", "wb")  # noqa: SIM115 - lives as long as the child
         agent_env = dict(env, SLIPSTREAM_PROXY_URL=proxy_url)
-        self.children[AGENT] = subprocess.Popen(argv, env=agent_env, stdout=log_file, stderr=subprocess.STDOUT)
+        self.children[AGENT] = subprocess.Popen(
+            argv, env=agent_env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self._say(f"agent started against {proxy_url}: {' '.join(agent.command)}")
 
     def _prepare_model(self) -> None:
@@ -233,17 +242,24 @@ class Cluster:
         return 130
 
     def stop(self) -> None:
+        """SIGTERM every child (the agent's whole process group), SIGKILL what is left after STOP_GRACE_S."""
         self._stopping.set()
-        for proc in self.children.values():
-            if proc.poll() is None:
+        for name, proc in self.children.items():
+            if name == AGENT:
+                _signal_group(proc, signal.SIGTERM)  # its leader may have exited and left workers behind
+            elif proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        for proc in self.children.values():
+        for name, proc in self.children.items():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            if name == AGENT:
+                while _signal_group(proc, 0) and time.monotonic() < deadline:  # workers finishing, within the grace
+                    time.sleep(0.1)
+                _signal_group(proc, signal.SIGKILL)
         if self._redis is not None:
             self._redis.stop()
 
@@ -257,6 +273,16 @@ class Cluster:
         if accounting:
             print("accounting: " + " ".join(f"{k}={v}" for k, v in sorted(accounting.items())), file=self.out)
         print(self.progress.done_line(code), file=self.out, flush=True)
+
+
+def _signal_group(leader: subprocess.Popen[bytes], signum: int) -> bool:
+    """Send `signum` to the process group `leader` started (start_new_session: the group's id is its pid); signal 0
+    only asks. Returns whether the group still had a member."""
+    try:
+        os.killpg(leader.pid, signum)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def run_cluster(
