@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from bus.embedded import free_port
 
 REPO = Path(__file__).resolve().parents[3]
@@ -65,6 +67,7 @@ def test_an_agent_that_fails_fails_the_run_at_once(redis_server, tmp_path: Path)
     assert elapsed < RUN_TIMEOUT_S - 30  # not the 900 s up.timeout_s of the config
 
 
+@pytest.mark.slow  # a cluster run per exit path: the three others stay in the default suite
 def test_an_agent_that_finishes_before_the_learner_ends_the_run_with_success(redis_server, tmp_path: Path) -> None:
     # The learner would run to max_steps 200; nothing is published, so it is still waiting for data when stopped.
     out, _ = run_up(redis_server.url, tmp_path, ["python", "-c", "print('all episodes run')"])
