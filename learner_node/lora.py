@@ -3,6 +3,7 @@
     adapters = peft_config(settings.model.lora)           # PEFT's LoraConfig from the [model.lora] section
     policy = load_policy(path, runtime, adapters=adapters) # a PeftModel, sharded with FSDP2 like any policy
     merged_weights(policy, full_state_dict(policy))        # W + scaling * B @ A under the base model's names
+    with adapters_disabled(policy): policy(...)            # the base model (the reference), from the same weights
 
 The engines (the torch engine, SGLang through update_weights_from_distributed) are sent the merged weights, named and
 shaped as the base model's state dict, so that they load them as they load a full fine-tune's weights. The merge is
@@ -10,16 +11,23 @@ computed from the gathered state dict, out of place: the trained module (and, wi
 that the gathered state dict shares) is never changed. Only adapters on linear layers are accepted (PEFT's
 `lora.Linear`, without DoRA or a LoRA bias): their merge is `transpose(B @ A, fan_in_fan_out) * scaling`, the formula
 of PEFT's `Linear.get_delta_weight`.
+
+The reference model (`beta > 0`, DPO) of a LoRA run is the policy itself with its adapters switched off (PEFT's
+`disable_adapter()`, as TRL does for PEFT models): the frozen base weights are the initial policy, so no second copy
+of the model is loaded or sharded.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel
 
 from bus.settings import LoraConfig
@@ -81,6 +89,26 @@ def is_lora(model: nn.Module) -> bool:
     """Whether `model` is a policy with adapters (never, while nothing has imported peft)."""
     peft = sys.modules.get("peft")
     return peft is not None and isinstance(model, peft.PeftModel)
+
+
+@contextmanager
+def adapters_disabled(model: PeftModel) -> Iterator[None]:
+    """Within the block `model` computes its base model: PEFT's `disable_adapter()`, for FSDP2-sharded models.
+
+    PEFT switches the adapters' `requires_grad` off on entry and back on at exit, on the parameters the modules hold
+    at that moment. FSDP2 keeps the flag on its sharded parameters and copies it to the gathered ones on each gather,
+    but a forward can leave the gathered ones in the modules (one rank, the root unit: not resharded after forward).
+    Flipped there only, the sharded flag would stay off, and the next gather (the second micro-batch's forward) would
+    hand out frozen adapters; so every unit is resharded before PEFT flips the flag, on entry and at exit."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.reshard()
+    with model.disable_adapter():
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:

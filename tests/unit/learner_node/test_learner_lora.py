@@ -16,6 +16,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bus.settings import ConfigError, LoraConfig, load_settings
+from learner_node import node
+from learner_node.batching import collate
 from learner_node.checkpoint import Checkpointer, export_hf
 from learner_node.config import LearnerConfig, LearnerSettings
 from learner_node.lora import peft_config
@@ -111,6 +113,51 @@ def test_the_merged_weights_are_the_base_models_names_and_shapes_and_compute_the
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5)
     assert greedy(plain, PROMPT) == greedy(policy, PROMPT)
+
+
+def test_a_lora_policy_is_its_own_reference_the_base_model(model_path: str) -> None:
+    # No reference model given. Micro-batches of 3: each backward reshards, and the next forward gathers the adapters
+    # again with FSDP2's requires_grad flag, which the reference passes must have left on.
+    trainer = lora_trainer(model_path, beta=0.1, micro_batch_size=3)
+    base = load_policy(model_path, trainer.runtime, trainable=False)
+    batch = collate([t for unit in groups(seed=9) for t in unit.samples])
+
+    def logprobs(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return trainer._logprobs(model, batch)[0]
+
+    for step in range(4):
+        with torch.no_grad():
+            assert torch.equal(trainer._reference_logprobs(batch), logprobs(base)), step
+        adapters = {n: p.detach().clone() for n, p in full_state_dict(trainer.policy).items() if ".lora_B." in n}
+        metrics = trainer.step(groups(seed=step))
+        moved = full_state_dict(trainer.policy)
+        # Every step still trains every adapter: the reference passes leave them trainable under FSDP2.
+        assert all(not torch.equal(moved[n], value) for n, value in adapters.items()), step
+    assert metrics["kl"] > 0
+    assert not torch.allclose(logprobs(trainer.policy), logprobs(base), atol=1e-3)  # the policy left its base
+    assert torch.equal(trainer._reference_logprobs(batch), logprobs(base))  # the reference did not
+
+
+@pytest.mark.parametrize(("lora", "models"), [(LORA, 1), (None, 2)])
+def test_a_lora_learner_loads_no_reference_model(
+    model_path: str, monkeypatch: pytest.MonkeyPatch, lora: LoraConfig | None, models: int
+) -> None:
+    loads: list[str] = []
+
+    def counted_load_policy(path: str, *args: object, **kwargs: object) -> torch.nn.Module:
+        loads.append(path)
+        return load_policy(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(node, "load_policy", counted_load_policy)
+    learner = node.LearnerNode.__new__(node.LearnerNode)  # only its model: no bus, no telemetry
+    learner.settings = LearnerSettings(model={"path": model_path, "lora": lora}, learner={"beta": 0.1})
+    learner.cfg, learner.pad_id = learner.settings.learner, 0
+    learner.runtime = init_distributed(learner.cfg)
+    learner._build_model()
+    assert len(loads) == models  # the policy, and without LoRA the reference
+    assert (learner.reference is None) == (lora is not None)
+    assert learner.trainer.step(groups())["kl"] == 0  # the step's pre-pass took reference logprobs: policy = base
 
 
 def test_a_checkpoint_holds_the_adapters_and_resumes_them(model_path: str, tmp_path: Path) -> None:
