@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -246,15 +246,21 @@ class LoraConfig(Section):
         description="the linear layers that get adapters: 'all-linear' (every linear layer but the output head) or "
         "module names / name suffixes (e.g. ['q_proj', 'v_proj'])",
     )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="modules trained in full beside the adapters (PEFT's modules_to_save), by name or name suffix, "
+        "e.g. ['embed_tokens']: a tied output head trains with its embedding. Each must match a module",
+    )
     export_merged: bool = Field(
         False, description="the HF export also writes the merged full model (W + B @ A) under merged/ in the folder"
     )
 
-    @field_validator("target_modules")
+    @field_validator("target_modules", "modules_to_save")
     @classmethod
-    def _module_names(cls, value: str | list[str]) -> str | list[str]:
+    def _module_names(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
         if isinstance(value, list):
-            if not value:
+            if not value and info.field_name == "target_modules":
                 raise ValueError("must name at least one module (or be 'all-linear')")
             bad = [name for name in value if not re.fullmatch(LORA_MODULE_PATTERN, name)]
             if bad:

@@ -164,7 +164,8 @@ class LearnerNode:
             adapters=peft_config(lora) if lora is not None else None,
         )  # fmt: skip
         self.value_head = build_value_head(self.policy, self.runtime) if cfg.algorithm == "ppo" else None
-        needs_reference = cfg.beta > 0 or cfg.algorithm == "dpo"
+        # A LoRA policy's frozen base is the reference (its adapters disabled, lora.adapters_disabled): no copy.
+        needs_reference = (cfg.beta > 0 or cfg.algorithm == "dpo") and lora is None
         self.reference = load_policy(path, self.runtime, trainable=False, source=source) if needs_reference else None
         trained = {"policy": self.policy} | ({"value_head": self.value_head} if self.value_head is not None else {})
         self.trained = nn.ModuleDict(trained)  # one module for the checkpoint's state dict helpers

@@ -12,6 +12,7 @@ The proximal policy of the decoupled objective is the weights before this step. 
 (`ppo_epochs = 1`) they are exactly the weights of the training forward, so their logprobs are that forward's,
 detached: no extra pass. A no-grad pass runs first only when something needs it: PPO (old values, target logprobs),
 `ppo_epochs > 1` (proximal logprobs), `beta > 0` (reference logprobs), DPO (reference logprobs not in the message).
+A LoRA policy is its own reference: the policy's forward with its adapters disabled (`lora.adapters_disabled`).
 
 GRPO samples whose advantage is exactly 0 (every sample of a group scored the same) add nothing to the gradient when
 there is no KL or entropy term: they are not run (`skip_zero_advantage`; `zero_advantage_skipped_frac` says how many),
@@ -57,6 +58,7 @@ from learner_node.batching import (
 )
 from learner_node.config import LearnerConfig
 from learner_node.groups import Unit
+from learner_node.lora import adapters_disabled, is_lora
 from learner_node.model import Runtime, forward
 
 MAX_METRICS = ("importance_weight_max",)  # reduced with MAX over micro-batches and ranks, the rest are means
@@ -141,8 +143,8 @@ class Trainer:
     ) -> None:
         if cfg.algorithm == "ppo" and value_head is None:
             raise ValueError("algorithm 'ppo' needs a value head")
-        if (cfg.beta > 0 or cfg.algorithm == "dpo") and reference is None:
-            raise ValueError("beta > 0 and algorithm 'dpo' need a reference model")
+        if (cfg.beta > 0 or cfg.algorithm == "dpo") and reference is None and not is_lora(policy):
+            raise ValueError("beta > 0 and algorithm 'dpo' need a reference model (a LoRA policy is its own)")
         self.cfg, self.runtime = cfg, runtime
         self.policy, self.value_head, self.reference = policy, value_head, reference
         self.optimizer, self.scheduler, self.pad_id = optimizer, scheduler, pad_id
@@ -272,6 +274,13 @@ class Trainer:
             logits = nucleus_logits(logits, batch.response_ids, self.cfg.top_p)
         return token_logprobs(logits, batch.response_ids), logits, values
 
+    def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """The reference model's token logprobs: the model given, or a LoRA policy's base (its adapters disabled)."""
+        if self.reference is not None:
+            return self._logprobs(self.reference, batch)[0]
+        with adapters_disabled(self.policy):
+            return self._logprobs(self.policy, batch)[0]
+
     @torch.no_grad()
     def _pre_pass(self, micros: list[_Micro]) -> None:
         cfg = self.cfg
@@ -282,7 +291,7 @@ class Trainer:
             if needs_policy:
                 micro.proximal, _, micro.old_values = self._logprobs(self.policy, micro.batch, self.value_head)
             if needs_reference:
-                micro.reference, _, _ = self._logprobs(self.reference, micro.batch)
+                micro.reference = self._reference_logprobs(micro.batch)
         if cfg.algorithm == "ppo":
             self._ppo_targets(micros)
 

@@ -4,6 +4,8 @@ python ranks_worker.py MODEL_PATH OUT_JSON [budgeted|lora]    (RANK, WORLD_SIZE,
 
 budgeted: activation checkpointing and micro-batches by a token budget, which must not change the steps.
 lora: rank-4 LoRA adapters on every linear layer train alone; the checksums are of the merged weights (base names).
+The reference is the policy with its adapters disabled (no second model); after the steps, its logprobs on a batch
+are compared with a plain base model's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from bus.schema import Trajectory
 from bus.settings import LoraConfig
+from learner_node.batching import collate
 from learner_node.config import LearnerConfig
 from learner_node.groups import Unit
 from learner_node.lora import peft_config
@@ -58,7 +61,7 @@ def run(model_path: str, mode: str | None) -> dict:
     runtime = init_distributed(cfg)
     adapters = peft_config(LoraConfig(rank=4, alpha=8)) if mode == "lora" else None
     policy = load_policy(model_path, runtime, activation_checkpointing=cfg.activation_checkpointing, adapters=adapters)
-    reference = load_policy(model_path, runtime, trainable=False)
+    reference = load_policy(model_path, runtime, trainable=False) if adapters is None else None
     optimizer = build_optimizer(cfg, [policy])
     trainer = Trainer(cfg, runtime, policy, optimizer, build_scheduler(cfg, optimizer), reference=reference)
     trained = [p for p in policy.parameters() if p.requires_grad]
@@ -66,7 +69,7 @@ def run(model_path: str, mode: str | None) -> dict:
     total = sum(p.numel() for p in trained)
     metrics = [trainer.step(batch(step)) for step in range(STEPS)]
     weights = policy_weights(policy)
-    return {
+    result = {
         "rank": runtime.rank,
         "world": runtime.world,
         "local_numel": local,
@@ -74,6 +77,16 @@ def run(model_path: str, mode: str | None) -> dict:
         "metrics": metrics,
         "checksums": {k: float(v.double().sum()) for k, v in weights.items()},
     }
+    if adapters is not None:
+        base = load_policy(model_path, runtime, trainable=False)
+        rows = collate([t for unit in batch(STEPS) for t in unit.samples]).to(runtime.device)
+        with torch.no_grad():
+            reference_logprobs = trainer._reference_logprobs(rows)
+            base_logprobs = trainer._logprobs(base, rows)[0]
+            policy_logprobs = trainer._logprobs(policy, rows)[0]
+        result["reference_to_base"] = float((reference_logprobs - base_logprobs).abs().max())
+        result["policy_to_base"] = float((policy_logprobs - base_logprobs).abs().max())
+    return result
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def test_two_ranks_shard_and_match_one_rank(tmp_path: Path) -> None:
 @pytest.mark.timeout(300)
 def test_two_ranks_train_lora_adapters_as_one_rank_does(tmp_path: Path) -> None:
     """LoRA under FSDP2: the adapters are sharded over the two ranks like any weight, the base stays frozen, and the
-    merged weights the engines would get are one rank's."""
+    merged weights the engines would get are one rank's. The KL reference is the policy with its adapters disabled:
+    after the steps its logprobs are still the base model's, on either rank."""
     model = build_demo_model(tmp_path / "model")
     two = run_ranks(model, tmp_path, 2, WORKER, "lora")
     [one] = run_ranks(model, tmp_path, 1, WORKER, "lora")
@@ -89,6 +90,9 @@ def test_two_ranks_train_lora_adapters_as_one_rank_does(tmp_path: Path) -> None:
         if not name.endswith("proj.weight"):  # embedding and norms: frozen, no adapter
             assert value == base[name], name
     assert any(one["checksums"][n] != base[n] for n in base if n.endswith("proj.weight"))  # the adapters trained
+    for result in [*two, one]:
+        assert result["reference_to_base"] == 0 and result["policy_to_base"] > 1e-3
+    assert all(step["kl"] > 0 for step in one["metrics"][1:])  # measured from the base, once the adapters moved
 
 
 def trl_parity_helpers() -> ModuleType:

@@ -4,6 +4,7 @@ on request, the merged model)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bus.settings import ConfigError, LoraConfig, load_settings
+from learner_node import node
+from learner_node.batching import collate
 from learner_node.checkpoint import Checkpointer, export_hf
 from learner_node.config import LearnerConfig, LearnerSettings
 from learner_node.lora import peft_config
@@ -113,6 +116,87 @@ def test_the_merged_weights_are_the_base_models_names_and_shapes_and_compute_the
     assert greedy(plain, PROMPT) == greedy(policy, PROMPT)
 
 
+def test_a_lora_policy_is_its_own_reference_the_base_model(model_path: str) -> None:
+    # No reference model given. Micro-batches of 3: each backward reshards, and the next forward gathers the adapters
+    # again with FSDP2's requires_grad flag, which the reference passes must have left on.
+    trainer = lora_trainer(model_path, beta=0.1, micro_batch_size=3)
+    base = load_policy(model_path, trainer.runtime, trainable=False)
+    batch = collate([t for unit in groups(seed=9) for t in unit.samples])
+
+    def logprobs(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return trainer._logprobs(model, batch)[0]
+
+    for step in range(4):
+        with torch.no_grad():
+            assert torch.equal(trainer._reference_logprobs(batch), logprobs(base)), step
+        adapters = {n: p.detach().clone() for n, p in full_state_dict(trainer.policy).items() if ".lora_B." in n}
+        metrics = trainer.step(groups(seed=step))
+        moved = full_state_dict(trainer.policy)
+        # Every step still trains every adapter: the reference passes leave them trainable under FSDP2.
+        assert all(not torch.equal(moved[n], value) for n, value in adapters.items()), step
+    assert metrics["kl"] > 0
+    assert not torch.allclose(logprobs(trainer.policy), logprobs(base), atol=1e-3)  # the policy left its base
+    assert torch.equal(trainer._reference_logprobs(batch), logprobs(base))  # the reference did not
+
+
+@pytest.mark.parametrize(("lora", "models"), [(LORA, 1), (None, 2)])
+def test_a_lora_learner_loads_no_reference_model(
+    model_path: str, monkeypatch: pytest.MonkeyPatch, lora: LoraConfig | None, models: int
+) -> None:
+    loads: list[str] = []
+
+    def counted_load_policy(path: str, *args: object, **kwargs: object) -> torch.nn.Module:
+        loads.append(path)
+        return load_policy(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(node, "load_policy", counted_load_policy)
+    learner = node.LearnerNode.__new__(node.LearnerNode)  # only its model: no bus, no telemetry
+    learner.settings = LearnerSettings(model={"path": model_path, "lora": lora}, learner={"beta": 0.1})
+    learner.cfg, learner.pad_id = learner.settings.learner, 0
+    learner.runtime = init_distributed(learner.cfg)
+    learner._build_model()
+    assert len(loads) == models  # the policy, and without LoRA the reference
+    assert (learner.reference is None) == (lora is not None)
+    assert learner.trainer.step(groups())["kl"] == 0  # the step's pre-pass took reference logprobs: policy = base
+
+
+def test_modules_to_save_train_the_tied_embedding_and_head_in_full(model_path: str, tmp_path: Path) -> None:
+    lora = LoraConfig(rank=4, alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    trainer = lora_trainer(model_path, lora, beta=0.1)
+    plain = AutoModelForCausalLM.from_pretrained(model_path)
+    trainable = {n for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if ".lora_" not in n} == {
+        "base_model.model.model.embed_tokens.modules_to_save.default.weight"
+    }
+    for step in range(2):
+        trainer.step(groups(seed=step))
+    merged = policy_weights(trainer.policy)
+    # The merge holds the trained copy under the base names; the output head is still the embedding (tied).
+    assert not torch.equal(merged["model.embed_tokens.weight"], plain.state_dict()["model.embed_tokens.weight"])
+    plain.load_state_dict(merged)  # strict: exactly the base model's keys
+    assert torch.equal(plain.lm_head.weight, merged["model.embed_tokens.weight"])
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, trainer.policy(input_ids=ids).logits, atol=1e-5)
+        batch = collate([t for unit in groups(seed=9) for t in unit.samples])
+        base = load_policy(model_path, trainer.runtime, trainable=False)
+        assert torch.equal(trainer._reference_logprobs(batch), trainer._logprobs(base, batch)[0])  # originals
+    path = Checkpointer(tmp_path / "ckpt", trainer.runtime).save(
+        2, torch.nn.ModuleDict({"policy": trainer.policy}), trainer.optimizer, {"step": 2}
+    )
+    saved = {
+        k for k in FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata if k.startswith("model.")
+    }
+    copies = {
+        f"model.policy.base_model.model.{m}.modules_to_save.default.weight" for m in ("model.embed_tokens", "lm_head")
+    }
+    assert {k for k in saved if ".lora_" not in k} == copies  # the trained copy (and its tied alias), no original
+    out = export_hf(trainer.policy, AutoTokenizer.from_pretrained(model_path), tmp_path / "hf", trainer.runtime)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), out)
+    assert greedy(adapted.eval(), PROMPT) == greedy(trainer.policy, PROMPT)
+
+
 def test_a_checkpoint_holds_the_adapters_and_resumes_them(model_path: str, tmp_path: Path) -> None:
     trainer = trained_a_little(model_path)
     trained = torch.nn.ModuleDict({"policy": trainer.policy})
@@ -184,6 +268,8 @@ def test_lora_settings_are_bounded_and_name_the_field(tmp_path: Path) -> None:
         (["--model.lora.target_modules", "[]"], "model.lora.target_modules: Value error, must name at least one"),
         (["--model.lora.target_modules", '["q proj"]'], "are not module names"),
         (["--model.lora.ranks", "8"], "model.lora.ranks: Extra inputs are not permitted"),
+        (["--model.lora.modules_to_save", '["embed tokens"]'], "model.lora.modules_to_save: .*are not module names"),
+        (["--model.lora.modules_to_save", json.dumps([f"m{i}" for i in range(9)])], "should have at most 8 items"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
             load_settings(LearnerSettings, toml, override)
@@ -195,6 +281,8 @@ def test_targets_that_match_no_linear_layer_are_refused(model_path: str) -> None
         load_policy(model_path, runtime, adapters=peft_config(LoraConfig(target_modules=["no_such_proj"])))
     with pytest.raises(ValueError, match="model.lora.target_modules: only linear layers.*Embedding"):
         load_policy(model_path, runtime, adapters=peft_config(LoraConfig(target_modules=["embed_tokens"])))
+    with pytest.raises(ValueError, match=r"model.lora.modules_to_save: \['no_such_norm'\] match no module"):
+        load_policy(model_path, runtime, adapters=peft_config(LoraConfig(modules_to_save=["norm", "no_such_norm"])))
 
 
 def test_adapter_dropout_applies_only_when_asked(model_path: str) -> None:
