@@ -2,8 +2,8 @@
 accounted for.
 
 `slipstream up` runs the learner and a rollout node as separate processes against the test's redis-server, on the
-demo's config, until the held-out greedy accuracy reaches 0.6 (the learner stops there) or 240 steps. Checked: the
-accuracy climbed from chance (~0.1) to 0.6 at least, and, from the accounting hash and what is left on the trajectories
+demo's config, until the held-out greedy accuracy reaches 0.5 (the learner stops there) or 240 steps. Checked: the
+accuracy climbed from chance (~0.1) to 0.5 at least, and, from the accounting hash and what is left on the trajectories
 stream, published == trained + sum(dropped by reason) + still on the stream (undelivered or pending).
 """
 
@@ -50,8 +50,8 @@ def test_demo_learns_and_accounts_for_every_trajectory(redis_server, tmp_path: P
         "--run.output_dir", str(tmp_path / "run"),
         "--model.path", str(tmp_path / "model"),
         "--up.timeout_s", "240",
-        "--learner.max_steps", "240",  # runs reach 0.6 by step ~140 (0.9, the demo's own target, by ~180)
-        "--learner.target_accuracy", "0.6",
+        "--learner.max_steps", "240",  # runs reach 0.5 by step ~100-120 (0.9, the demo's own target, by ~180)
+        "--learner.target_accuracy", "0.5",
     ]  # fmt: skip
     out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=285)
     last = out.stdout.strip().splitlines()[-1]
@@ -59,7 +59,7 @@ def test_demo_learns_and_accounts_for_every_trajectory(redis_server, tmp_path: P
     done = re.search(r"steps=\d+ eval_accuracy_start=([\d.]+) eval_accuracy=([\d.]+) elapsed_s=[\d.]+$", last)
     assert done, last
     start, end = map(float, done.groups())
-    assert end >= 0.6 and end >= start + 0.4, out.stdout[-3000:]  # a random policy scores ~0.1
+    assert end >= 0.5 and end >= start + 0.4, out.stdout[-3000:]  # a random policy scores ~0.1
 
     client = redis.Redis.from_url(redis_server.url)
     accounting = {k.decode(): int(v) for k, v in client.hgetall("slipstream:accounting").items()}
