@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from bus.settings import Section
 
@@ -93,6 +93,17 @@ class DemoModelSpec(Section):
         if len(set(names)) != len(names):
             raise ValueError(f"tool names must be distinct (got {names})")
         return names
+
+    @model_validator(mode="after")
+    def _vocab_holds_the_tool_tokens(self) -> DemoModelSpec:
+        # Left at its default, vocab_size grows by the tool tokens; a size asked for must hold them, or the
+        # model would silently get other dimensions than the ones requested.
+        needed = len(VOCAB) + len(self.tool_tokens)
+        if "vocab_size" in self.model_fields_set and self.vocab_size < needed:
+            raise ValueError(
+                f"vocab_size: {self.vocab_size} < {needed}, the tokenizer's {len(VOCAB)} ids plus one per tool token"
+            )
+        return self
 
     @field_validator("num_heads")
     @classmethod

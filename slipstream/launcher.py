@@ -190,7 +190,7 @@ class Cluster:
             return
         from slipstream.demo_model import build_demo_model
 
-        build_demo_model(path, **self.settings.up.demo_model.model_dump())
+        build_demo_model(path, **self.settings.up.demo_model.model_dump(exclude_unset=True))
         print(f"built the demo model in {path}", file=self.out)
 
     def _spawn(self, name: str, command: str, env: dict[str, str], own: list[str], *, pipe: bool) -> None:

@@ -43,7 +43,14 @@ def run(args: argparse.Namespace) -> int:
     from bus.settings import format_validation_error
     from slipstream.demo_model import build_demo_model
 
-    spec = {name: getattr(args, name) for name in DemoModelSpec.model_fields}
+    # Only what was given: a field left at its default keeps the spec's meaning of "not asked for" (vocab_size then
+    # grows by the tool tokens instead of refusing them).
+    fields = DemoModelSpec.model_fields.items()
+    spec = {
+        name: getattr(args, name)
+        for name, field in fields
+        if getattr(args, name) != field.get_default(call_default_factory=True)
+    }
     try:
         folder = build_demo_model(args.path, **spec)
     except ValidationError as exc:

@@ -80,6 +80,14 @@ def test_a_tool_token_is_one_whole_hermes_call_and_tools_are_rendered(tmp_path: 
     assert text == "<|im_start|>system\ntools: draw_number, roll<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
     with pytest.raises(ValidationError, match="tool names must match"):
         build_demo_model(tmp_path / "bad", tool_tokens=["draw number"])
+    with pytest.raises(ValidationError, match=r"vocab_size: 100 < 102"):  # asked for, so not silently grown
+        build_demo_model(tmp_path / "small", tool_tokens=["draw_number", "roll"], vocab_size=100)
+    assert (
+        AutoModelForCausalLM.from_pretrained(
+            build_demo_model(tmp_path / "wide", num_layers=1, tool_tokens=["roll"], vocab_size=128)
+        ).config.vocab_size
+        == 128
+    )
     assert cli_main(["demo-model", str(tmp_path / "cli"), "--num-layers", "1", "--tool-tokens", "roll"]) == 0
     assert len(AutoTokenizer.from_pretrained(tmp_path / "cli")) == 101
 
