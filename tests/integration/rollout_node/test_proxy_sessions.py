@@ -151,8 +151,8 @@ def test_the_example_agent_publishes_one_trajectory_per_episode(
     monkeypatch.setenv("SLIPSTREAM_PROXY_TOKEN", TOKEN)
     example = runpy.run_path(str(EXAMPLE))
     rng = random.Random(0)
-    assert example["run_tool"]("draw_number", "{}", rng).isdigit()
-    assert example["run_tool"]("draw_number", '{"n": 1}', rng).startswith("error")
+    assert {example["run_tool"]("draw_number", "{}", rng, 2) for _ in range(40)} == {"0", "1"}  # 0 .. choices - 1
+    assert example["run_tool"]("draw_number", '{"n": 1}', rng, 10).startswith("error")
     cases = [(None, "3", True), ("3", None, False), ("3", "x", False), ("3", "37", False), ("3", "3", True)]
     assert [example["score"](*case) for case in cases] == [0.0, 0.0, 0.2, pytest.approx(0.8), pytest.approx(1.9)]
     args = ["--proxy", proxy.url, "--episodes", "3", "--group-size", "3", "--concurrency", "2", "--max-tokens", "6"]
