@@ -14,27 +14,19 @@ from slipstream.demo_model import DemoModelSpec
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="folder to write (created if missing; files of the same name are overwritten)")
+    # argparse.SUPPRESS: a flag not given stays out of the namespace, so the spec tells a field asked for from one left
+    # at its default (vocab_size left alone grows by the tool tokens; asked for, it must hold them).
     for name, field in DemoModelSpec.model_fields.items():
         flag = "--" + name.replace("_", "-")
+        default = field.get_default(call_default_factory=True)
+        shown = "none" if default == [] else default
+        common = {"default": argparse.SUPPRESS, "help": f"{field.description} (default: {shown})"}
         if field.annotation is bool:
-            parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=field.default,
-                help=f"{field.description} (default: %(default)s)",
-            )
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif field.annotation == list[str]:
-            parser.add_argument(
-                flag, nargs="*", default=[], metavar="NAME", help=f"{field.description} (default: none)"
-            )
+            parser.add_argument(flag, nargs="*", metavar="NAME", **common)
         else:
-            parser.add_argument(
-                flag,
-                type=field.annotation,
-                default=field.default,
-                metavar="N",
-                help=f"{field.description} (default: %(default)s)",
-            )
+            parser.add_argument(flag, type=field.annotation, metavar="N", **common)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,14 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from bus.settings import format_validation_error
     from slipstream.demo_model import build_demo_model
 
-    # Only what was given: a field left at its default keeps the spec's meaning of "not asked for" (vocab_size then
-    # grows by the tool tokens instead of refusing them).
-    fields = DemoModelSpec.model_fields.items()
-    spec = {
-        name: getattr(args, name)
-        for name, field in fields
-        if getattr(args, name) != field.get_default(call_default_factory=True)
-    }
+    spec = {name: getattr(args, name) for name in DemoModelSpec.model_fields if hasattr(args, name)}
     try:
         folder = build_demo_model(args.path, **spec)
     except ValidationError as exc:

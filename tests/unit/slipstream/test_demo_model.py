@@ -90,6 +90,8 @@ def test_a_tool_token_is_one_whole_hermes_call_and_tools_are_rendered(tmp_path: 
     )
     assert cli_main(["demo-model", str(tmp_path / "cli"), "--num-layers", "1", "--tool-tokens", "roll"]) == 0
     assert len(AutoTokenizer.from_pretrained(tmp_path / "cli")) == 101
+    # the flag given, even at the default's value, is asked for: refused by name rather than grown
+    assert cli_main(["demo-model", str(tmp_path / "cli2"), "--tool-tokens", "roll", "--vocab-size", "100"]) != 0
 
 
 def test_same_seed_same_weights_and_size_knobs(tmp_path: Path) -> None:
