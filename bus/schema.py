@@ -347,9 +347,9 @@ KINDS: dict[type, str] = {
 # Derived from the Structs above, so that a field is declared once.
 
 _WIRE_ARRAYS: dict[Any, Any] = {
-    TokenIds: bytes | list[int],
-    Logprobs: bytes | list[float],
-    LossMask: bytes | list[int | bool],
+    TokenIds: bytearray | list[int],  # bytearray, not bytes: numpy reduces a writable view ~2x faster (argmin, argmax)
+    Logprobs: bytearray | list[float],
+    LossMask: bytearray | list[int | bool],
 }
 _ARRAY_DTYPES = {TokenIds: WIRE_INT32, Logprobs: WIRE_FLOAT32, LossMask: WIRE_UINT8}
 _NOUNS = {Trajectory: "trajectories", TensorSpec: "tensor specs"}  # for "must be an array of ..."
@@ -479,12 +479,13 @@ _META_OPTIONS = {"raw": False, "strict_map_key": True, "ext_hook": reject_ext, "
 
 def from_wire(wire: Any, cls: type, prefix: str) -> Any:
     """The message (or nested Struct) `cls` of a decoded wire Struct: nil optional fields get their defaults, bins
-    become read-only int32/float32/uint8 views of their bytes, meta maps are read (by msgpack: no ext types)."""
+    become int32/float32/uint8 views of the bytearrays msgspec copied them into, meta maps are read (by msgpack: no
+    ext types)."""
     layout = LAYOUTS[cls]
     values = list(msgspec.structs.astuple(wire))
     for spec in layout.arrays:
         value = values[spec.index]
-        if type(value) is bytes and not len(value) % spec.dtype.itemsize:  # type: ignore[union-attr]
+        if type(value) is bytearray and not len(value) % spec.dtype.itemsize:  # type: ignore[union-attr]
             values[spec.index] = _frombuffer(value, spec.dtype)  # the common case, without building a field path
         elif value is not None and not (spec.text and type(value) is str):
             values[spec.index] = wire_array(value, spec.dtype, prefix + spec.name)  # type: ignore[arg-type]
@@ -702,8 +703,8 @@ def _array(value: Any, dtype: np.dtype, field: str) -> np.ndarray:
 
 
 def wire_array(value: Any, dtype: np.dtype, field: str) -> np.ndarray:
-    """An array field as received: bin (a view of its bytes) or a msgpack array of numbers."""
-    if type(value) is bytes:
+    """An array field as received: bin (a view of its bytes or bytearray) or a msgpack array of numbers."""
+    if type(value) is bytes or type(value) is bytearray:
         if len(value) % dtype.itemsize:
             raise MessageError(field, f"bin length {len(value)} is not a multiple of {dtype.itemsize} ({dtype.name})")
         return np.frombuffer(value, dtype)
