@@ -9,7 +9,8 @@ Routes (errors as OpenAI's `{"error": {"message", "type", "param", "code"}}`):
     POST   /v1/sessions/{id}/reward   {"reward": 1.0, "rewards": {...}, "group_id": "...", "meta": {...}}
     DELETE /v1/sessions/{id}                                            drop the session (abandoned)
 
-Generation answers JSON, or OpenAI's server-sent events with `stream: true`; chat takes `tools` and returns parsed
+Generation answers JSON, or with `stream: true` OpenAI's server-sent events, sent as the engine generates
+(`rollout_node.streaming`); chat takes `tools` and returns parsed
 `tool_calls` (`rollout.proxy_tool_parser`). Sessions are named by the path, so an agent points an OpenAI client at
 `<proxy>/v1/sessions/<id>` and needs nothing else. A session's calls must continue one token stream: each call's
 prompt must start with the previous prompt plus the previous response (an agent appends the assistant's reply and
@@ -31,12 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import structlog
@@ -45,10 +48,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bus.schema import MessageError, Sampling, Trajectory, new_id
-from rollout_node.config import NAME_PATTERN, RolloutConfig
-from rollout_node.engines.base import Engine, Sample, error_reason
-from rollout_node.sessions import ProxyError, RewardRequest, SessionStore
-from rollout_node.tool_calls import parse_tool_calls
+from rollout_node.config import NAME_PATTERN, RolloutConfig, ToolParser
+from rollout_node.engines.base import Engine, OnToken, Sample, error_reason
+from rollout_node.sessions import ProxyError, RewardRequest, Session, SessionStore
+from rollout_node.streaming import Tokens, logprob_entries, sse_events
+from rollout_node.tool_calls import call_start, parse_tool_calls
 from telemetry.http import ServerHandle, serve_in_thread
 from telemetry.metrics import ROLLOUT_ENGINE_ERRORS, ROLLOUT_PROXY_SESSIONS
 
@@ -135,6 +139,18 @@ class CompletionRequest(_Request):
     echo: Literal[False] = False
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A checked generation: the whole prompt [P] (the session's tokens + `context`, the call's new tokens), the
+    sampling, n, and the session it records into (claimed: busy)."""
+
+    prompt_ids: list[int]
+    context: list[int]
+    sampling: Sampling
+    n: int
+    session: Session | None
+
+
 # --- the proxy -------------------------------------------------------------------------------------------------
 class AgentProxy:
     """The proxy's FastAPI `app` and its HTTP server (uvicorn in a daemon thread: `start`, `stop`, `url`).
@@ -160,6 +176,7 @@ class AgentProxy:
         self.created = int(time.time())
         self.app = self._build_app()
         self._server: ServerHandle | None = None
+        self._running: set[asyncio.Task[Any]] = set()  # streamed generations (a task needs a strong reference)
 
     # --- server --------------------------------------------------------------------------------------------------
     @property
@@ -221,19 +238,26 @@ class AgentProxy:
             raise ProxyError(400, f"messages: the chat template refused them: {exc}", "messages") from exc
         prompt_ids = list(self.tokenizer.encode(text, add_special_tokens=False))  # the template wrote them
         max_tokens = body.max_completion_tokens or body.max_tokens
-        prompt, samples = await self._generate(body, prompt_ids, text, max_tokens, session_id)
+        plan = self._plan(body, prompt_ids, text, max_tokens, session_id)
         parser = self.config.proxy_tool_parser if tools else "none"
+
+        def reply(prompt: list[int], samples: list[Sample]) -> dict[str, Any]:
+            return self._chat_reply(body, prompt, samples, parser, session_id)
+
+        if body.stream:
+            return self._stream(body, plan, reply, chat=True, hold=call_start(parser))
+        return reply(*await self._run(plan))
+
+    def _chat_reply(
+        self, body: ChatRequest, prompt: list[int], samples: list[Sample], parser: ToolParser, session_id: str | None
+    ) -> dict[str, Any]:
+        """The chat.completion body of `samples`; tool calls parsed with `parser` (and remembered by the session, to
+        render them back as generated)."""
         choices = []
         for i, sample in enumerate(samples):
             logprobs = None
             if body.logprobs:
-                tokens = self.tokenizer.convert_ids_to_tokens(sample.response_ids)
-                logprobs = {
-                    "content": [
-                        {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                        for t, lp in zip(tokens, sample.behavior_logprobs, strict=True)
-                    ]
-                }
+                logprobs = {"content": logprob_entries(self.tokenizer, sample.response_ids, sample.behavior_logprobs)}
             content, calls = parse_tool_calls(sample.text, parser)
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
@@ -243,8 +267,7 @@ class AgentProxy:
                     self.sessions.get(session_id, create=False).tool_texts.update((c["id"], written) for c in calls)
             finish = "tool_calls" if calls else sample.finish_reason
             choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
-        reply = self._reply("chat.completion", "chatcmpl-", choices, prompt, samples)
-        return self._stream(body, reply, samples) if body.stream else reply
+        return self._reply("chat.completion", "chatcmpl-", choices, prompt, samples)
 
     async def completions(self, request: Request, session_id: str | None = None) -> Reply:
         body = await self._read(request, CompletionRequest)
@@ -255,22 +278,26 @@ class AgentProxy:
             text, prompt_ids = self.tokenizer.decode(body.prompt), list(body.prompt)
         if not prompt_ids:
             raise ProxyError(400, "prompt: must not be empty", "prompt")
-        prompt, samples = await self._generate(body, prompt_ids, text, body.max_tokens, session_id)
-        choices = []
-        for i, sample in enumerate(samples):
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs = {
-                    "tokens": self.tokenizer.convert_ids_to_tokens(sample.response_ids),
-                    "token_logprobs": sample.behavior_logprobs,
-                    "top_logprobs": None,
-                    "text_offset": None,
-                }
-            choices.append(
-                {"index": i, "text": sample.text, "logprobs": logprobs, "finish_reason": sample.finish_reason}
-            )
-        reply = self._reply("text_completion", "cmpl-", choices, prompt, samples)
-        return self._stream(body, reply, samples) if body.stream else reply
+        plan = self._plan(body, prompt_ids, text, body.max_tokens, session_id)
+
+        def reply(prompt: list[int], samples: list[Sample]) -> dict[str, Any]:
+            choices = []
+            for i, sample in enumerate(samples):
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = {
+                        "tokens": self.tokenizer.convert_ids_to_tokens(sample.response_ids),
+                        "token_logprobs": sample.behavior_logprobs,
+                        "top_logprobs": None,
+                        "text_offset": None,
+                    }
+                choice = {"index": i, "text": sample.text, "logprobs": logprobs, "finish_reason": sample.finish_reason}
+                choices.append(choice)
+            return self._reply("text_completion", "cmpl-", choices, prompt, samples)
+
+        if body.stream:
+            return self._stream(body, plan, reply, chat=False, hold=None)
+        return reply(*await self._run(plan))
 
     async def reward(self, request: Request, session_id: str) -> dict[str, Any]:
         """End the session: publish its trajectory (once; a repeated call answers with the same id)."""
@@ -308,11 +335,10 @@ class AgentProxy:
         return {"session_id": session_id, "dropped": True}
 
     # --- helpers -------------------------------------------------------------------------------------------------
-    async def _generate(
+    def _plan(
         self, body: _Request, prompt_ids: list[int], text: str, max_tokens: int | None, session_id: str | None
-    ) -> tuple[list[int], list[Sample]]:
-        """Check the request and generate, recording into the session if there is one; returns (the prompt
-        generated from, the samples)."""
+    ) -> _Plan:
+        """Check the request (ProxyError naming the field) and claim its session, if any, until `_run` ends."""
         if body.n > self.config.proxy_max_n:
             raise ProxyError(400, f"n: must be <= {self.config.proxy_max_n} (rollout.proxy_max_n)", "n")
         if max_tokens is not None and max_tokens > self.config.proxy_max_tokens:
@@ -339,8 +365,15 @@ class AgentProxy:
         )
         if session is not None:
             session.busy = True
+        return _Plan(prompt_ids, context, sampling, body.n, session)
+
+    async def _run(self, plan: _Plan, on_token: OnToken | None = None) -> tuple[list[int], list[Sample]]:
+        """Generate what `plan` asks, recording into its session if there is one, and release the session; returns
+        (the prompt generated from, the samples)."""
+        session = plan.session
         try:
-            [samples] = await asyncio.to_thread(self.engine.generate, [prompt_ids], sampling, body.n)
+            generate = functools.partial(self.engine.generate, on_token=on_token) if on_token else self.engine.generate
+            [samples] = await asyncio.to_thread(generate, [plan.prompt_ids], plan.sampling, plan.n)
         except ValueError as exc:
             raise ProxyError(400, str(exc)) from exc
         except Exception as exc:
@@ -354,8 +387,8 @@ class AgentProxy:
         if any(s.finish_reason == "abort" or not s.response_ids for s in samples):
             raise ProxyError(503, "generation was aborted (the node is stopping)", headers=self._retry_after())
         if session is not None:
-            session.add(context, samples[0])
-        return prompt_ids, samples
+            session.add(plan.context, samples[0])
+        return plan.prompt_ids, samples
 
     def _written_back(self, sample: Sample) -> str:
         """A reply's text as the chat template must write it back for the session to stay one token stream: special
@@ -394,49 +427,41 @@ class AgentProxy:
             "policy_version": samples[0].policy_version,
         }
 
-    def _stream(self, body: _Request, reply: dict[str, Any], samples: list[Sample]) -> StreamingResponse:
-        """`reply` as OpenAI's server-sent events: per choice a role chunk (chat), the text token by token (with
-        each token's logprob when asked), tool calls, a finish chunk; then usage (`stream_options.include_usage`)
-        and `[DONE]`. The engine generates whole completions, so the events go out once a call's generation ends;
-        what is recorded for training is the same as without `stream`."""
-        chat = reply["object"] == "chat.completion"
-        head = {k: reply[k] for k in ("id", "created", "model")}
-        head["object"] = "chat.completion.chunk" if chat else "text_completion"
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+    def _stream(
+        self,
+        body: _Request,
+        plan: _Plan,
+        build_reply: Callable[[list[int], list[Sample]], dict[str, Any]],
+        *,
+        chat: bool,
+        hold: str | None,
+    ) -> StreamingResponse:
+        """Start generating `plan` now and answer with its server-sent events (`rollout_node.streaming`). The
+        generation runs to its end even if the client goes away, so that the session records what was generated."""
+        loop = asyncio.get_running_loop()
+        tokens: Tokens = asyncio.Queue()
 
-        def event(choices: list[dict[str, Any]], **extra: Any) -> str:
-            return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+        def on_token(row: int, token_id: int, logprob: float) -> None:  # the engine's thread
+            loop.call_soon_threadsafe(tokens.put_nowait, (row, token_id, logprob))
 
-        def events() -> Iterator[str]:
-            for choice, sample in zip(reply["choices"], samples, strict=True):
-                index, finish = choice["index"], choice["finish_reason"]
-                if chat:
-                    message, logprobs = choice["message"], choice["logprobs"]
-                    role = {"role": "assistant", "content": ""}
-                    yield event([{"index": index, "delta": role, "finish_reason": None}])
-                    text = message["content"] or ""
-                    pieces = _text_deltas(self.tokenizer, sample, text) if "tool_calls" not in message else [text]
-                    per_token = logprobs is not None and len(pieces) == len(sample.response_ids)
-                    for k, piece in enumerate(pieces):
-                        if not piece and not per_token:
-                            continue
-                        delta: dict[str, Any] = {"index": index, "delta": {"content": piece}, "finish_reason": None}
-                        if per_token:
-                            delta["logprobs"] = {"content": [logprobs["content"][k]]}
-                        yield event([delta])
-                    if "tool_calls" in message:
-                        calls = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
-                        yield event([{"index": index, "delta": {"tool_calls": calls}, "finish_reason": None}])
-                    yield event([{"index": index, "delta": {}, "finish_reason": finish}])
-                else:
-                    for piece in (p for p in _text_deltas(self.tokenizer, sample, choice["text"]) if p):
-                        yield event([{"index": index, "text": piece, "logprobs": None, "finish_reason": None}])
-                    yield event([{"index": index, "text": "", "logprobs": None, "finish_reason": finish}])
-            if include_usage:
-                yield event([], usage=reply["usage"], policy_version=reply["policy_version"])
-            yield "data: [DONE]\n\n"
+        def ended(task: asyncio.Task[Any]) -> None:
+            self._running.discard(task)
+            tokens.put_nowait(None)
+            if not task.cancelled():
+                task.exception()  # retrieved here too: the client may have left before the events read it
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        task = asyncio.create_task(self._run(plan, on_token))
+        self._running.add(task)
+        task.add_done_callback(ended)
+        kind = "chatcmpl" if chat else "cmpl"
+        head = {"id": f"{kind}-{new_id()}", "created": int(time.time()), "model": self.model_name}
+        events = sse_events(
+            chat=chat, choices=plan.n, tokens=tokens, result=task, build_reply=build_reply, tokenizer=self.tokenizer,
+            hold=hold, logprobs=bool(body.logprobs) if chat else False,
+            include_usage=bool((body.stream_options or {}).get("include_usage")),
+            head=head,
+        )  # fmt: skip
+        return StreamingResponse(events, media_type="text/event-stream")
 
     async def _read(self, request: Request, model: type[BaseModel]) -> Any:
         """Authorize, then read the body (at most proxy_max_request_bytes: 413) and validate it (400 naming the
@@ -491,17 +516,6 @@ def _session_name(session_id: str) -> str:
     return session_id
 
 
-def _text_deltas(tokenizer: Any, sample: Sample, text: str) -> list[str]:
-    """`text` cut where each generated token ends (prefixes decoded as the engine decodes), when those pieces make
-    `text` again (a token can end inside a character; a stop string can be cut off): else `[text]`."""
-    ids = sample.response_ids
-    prefixes = tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))], skip_special_tokens=True)
-    pieces = [b[len(a) :] if b.startswith(a) else None for a, b in zip(["", *prefixes], prefixes, strict=False)]
-    if any(p is None for p in pieces) or "".join(pieces) != text:  # type: ignore[arg-type]
-        return [text]
-    return pieces  # type: ignore[return-value]
-
-
 def _template_message(message: ChatMessage, index: int, generated: dict[str, str]) -> dict[str, Any]:
     """A message as the chat template takes it: text parts joined; other content types are refused. An assistant
     message whose tool calls this session generated renders as the text the model wrote (`generated`, by call id),
@@ -519,7 +533,4 @@ def _template_message(message: ChatMessage, index: int, generated: dict[str, str
 
 
 async def _error_response(_: Request, exc: ProxyError) -> JSONResponse:
-    kinds = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
-    kind = kinds.get(exc.status, "invalid_request_error" if exc.status < 500 else "server_error")
-    error = {"message": exc.message, "type": kind, "param": exc.param, "code": exc.status}
-    return JSONResponse({"error": error}, status_code=exc.status, headers=exc.headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)

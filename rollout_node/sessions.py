@@ -33,6 +33,12 @@ class ProxyError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers or {}
 
+    def body(self) -> dict[str, Any]:
+        """The error as OpenAI answers one: {"error": {"message", "type", "param", "code"}}."""
+        kinds = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
+        kind = kinds.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+
 
 class RewardRequest(BaseModel):
     """The body of `POST /v1/sessions/{id}/reward`: it ends the session."""

@@ -1,7 +1,8 @@
 """Tool calls in a model's output, as OpenAI's `tool_calls` (`rollout.proxy_tool_parser`).
 
 `hermes`: the format of Hermes, Qwen2.5/Qwen3 and most chat templates that take `tools`: each call is
-`<tool_call>{"name": "...", "arguments": {...}}</tool_call>`; the text outside the tags is the message's content.
+`<tool_call>{"name": "...", "arguments": {...}}</tool_call>`; the text outside the tags is the message's content
+(its trailing whitespace trimmed when there were calls).
 A block that is not such JSON is left in the content as text: a malformed call reaches the agent as what the model
 wrote, never as an error. `none`: tool calls are not parsed (the text is the content).
 """
@@ -16,6 +17,12 @@ from bus.schema import new_id
 from rollout_node.config import ToolParser
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+_CALL_STARTS: dict[ToolParser, str] = {"hermes": "<tool_call>"}
+
+
+def call_start(parser: ToolParser) -> str | None:
+    """The text that opens a tool call in `parser`'s format (a stream holds back what may be its beginning)."""
+    return _CALL_STARTS.get(parser)
 
 
 def parse_tool_calls(text: str, parser: ToolParser) -> tuple[str | None, list[dict[str, Any]]]:
@@ -34,7 +41,7 @@ def parse_tool_calls(text: str, parser: ToolParser) -> tuple[str | None, list[di
         calls.append(call)
     if not calls:
         return text, []
-    content = ("".join(kept) + text[end:]).strip()
+    content = ("".join(kept) + text[end:]).rstrip()  # leading whitespace stays: it may have been streamed already
     return content or None, calls
 
 

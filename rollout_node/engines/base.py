@@ -27,7 +27,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
@@ -113,6 +113,9 @@ def _require(ok: bool, field: str, rule: str, value: object) -> None:
         raise ValueError(f"{field}: {rule} (got {value!r})")
 
 
+OnToken = Callable[[int, int, float], None]  # (row, token id, behaviour logprob): see Engine.generate
+
+
 class WeightUpdate(abc.ABC):
     """A staged weight update: `add` tensors (in as many calls as there are buckets), then `commit` to make them live
     at once with the new version, or `discard` them. As a context manager it commits on a clean exit and discards on
@@ -158,10 +161,16 @@ class Engine(abc.ABC):
     """Generates samples for batches of token-id prompts and takes new weights while it runs."""
 
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, n: int = 1) -> list[list[Sample]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: Sampling, n: int = 1, on_token: OnToken | None = None
+    ) -> list[list[Sample]]:
         """Sample `n` responses for each prompt. Returns `out[i][j]`: sample j of prompts[i]
         (`len(out) == len(prompts)`, `len(out[i]) == n`). Blocks while the engine is paused.
-        Bad input raises ValueError naming the field and the rule."""
+        Bad input raises ValueError naming the field and the rule.
+
+        `on_token(row, token_id, behavior_logprob)`, when given, is called from the generating thread for every
+        response token, in order per row (row `i * n + j` is sample j of prompts[i]), as early as the engine has it
+        and at the latest before `generate` returns: what it was given is exactly the samples' tokens."""
 
     @property
     @abc.abstractmethod

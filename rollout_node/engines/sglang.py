@@ -61,7 +61,15 @@ import httpx
 import structlog
 
 from bus.schema import Sampling
-from rollout_node.engines.base import Engine, FinishReason, Sample, VersionRange, WeightUpdate, check_request
+from rollout_node.engines.base import (
+    Engine,
+    FinishReason,
+    OnToken,
+    Sample,
+    VersionRange,
+    WeightUpdate,
+    check_request,
+)
 from rollout_node.server_config import SGLangConfig
 
 log = structlog.get_logger(__name__)
@@ -148,7 +156,11 @@ class SGLangEngine(Engine):
 
     # --- Engine interface ----------------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, n: int = 1) -> list[list[Sample]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: Sampling, n: int = 1, on_token: OnToken | None = None
+    ) -> list[list[Sample]]:
+        """See `Engine.generate`; `on_token` gets every token once the server's whole answer is in (this client
+        posts /generate without SGLang's `stream`)."""
         check_request(prompts, sampling, n)
         sampled = sampling.temperature >= GREEDY_TEMPERATURE
         top_logprobs = self._top_logprobs_needed(sampling) if sampled else 0
@@ -185,6 +197,10 @@ class SGLangEngine(Engine):
             got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
             raise self._protocol_error("/generate", f"expected {len(prompts) * n} outputs, got {got}")
         samples = [self._sample(output, sampling, start_version) for output in outputs]
+        if on_token is not None:
+            for row, sample in enumerate(samples):
+                for token_id, logprob in zip(sample.response_ids, sample.behavior_logprobs, strict=True):
+                    on_token(row, token_id, logprob)
         return [samples[i : i + n] for i in range(0, len(samples), n)]
 
     @property

@@ -29,6 +29,7 @@ from bus.settings import load_pretrained
 from rollout_node.engines.base import (
     Engine,
     FinishReason,
+    OnToken,
     Sample,
     TorchEngineConfig,
     WeightUpdate,
@@ -109,7 +110,9 @@ class TorchEngine(Engine):
     def close(self) -> None:
         self.abort()
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, n: int = 1) -> list[list[Sample]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: Sampling, n: int = 1, on_token: OnToken | None = None
+    ) -> list[list[Sample]]:
         self._check_request(prompts, sampling, n)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
@@ -119,7 +122,8 @@ class TorchEngine(Engine):
         with torch.inference_mode():
             for start in range(0, len(prompts), prompts_per_chunk):
                 chunk = prompts[start : start + prompts_per_chunk]
-                completions.extend(self._generate_chunk(chunk, sampling, n, generator, abort_epoch))
+                rows = (on_token, start * n)
+                completions.extend(self._generate_chunk(chunk, sampling, n, generator, abort_epoch, rows))
         return completions
 
     # --- decoding ------------------------------------------------------------------------------------------------
@@ -131,8 +135,11 @@ class TorchEngine(Engine):
         n: int,
         generator: torch.Generator,
         abort_epoch: int,
+        report: tuple[OnToken | None, int],
     ) -> list[list[Sample]]:
-        """Decode len(prompts) * n rows (row i*n + j is sample j of prompt i) until each stops or hits the limit."""
+        """Decode len(prompts) * n rows (row i*n + j is sample j of prompt i) until each stops or hits the limit;
+        `report` = (on_token, the call's row of this chunk's row 0): each step's tokens go to on_token when drawn."""
+        on_token, first_row = report
         width = max(len(p) for p in prompts)
         max_new = sampling.max_new_tokens
         capacity = width + max_new
@@ -161,6 +168,9 @@ class TorchEngine(Engine):
             out.versions.append(version)
             token, behavior, model_logprob = sample_next(logits, sampling, generator)
             out.record(active, step, token, behavior, model_logprob)
+            if on_token is not None:
+                for row, token_id, logprob in zip(active.tolist(), token.tolist(), behavior.tolist(), strict=True):
+                    on_token(first_row + row, token_id, logprob)
             finished = torch.isin(token, stop_ids)
             if finished.any():
                 for row, stop_id in zip(active[finished].tolist(), token[finished].tolist(), strict=True):

@@ -81,9 +81,15 @@ def test_samples_equal_the_in_process_engine_for_the_same_seed(
     client: SGLangEngine, local: TorchEngine, sampling: Sampling
 ) -> None:
     prompts = encode(local, PROMPTS)
-    remote, expected = client.generate(prompts, sampling, n=3), local.generate(prompts, sampling, n=3)
+    reported: list[tuple[int, int, float]] = []
+    remote = client.generate(prompts, sampling, n=3, on_token=lambda *token: reported.append(token))
+    expected = local.generate(prompts, sampling, n=3)
     assert [len(group) for group in remote] == [3, 3, 3]
     assert flat(remote) == flat(expected)  # ids, both logprobs, finish reasons, stops, text and versions, exactly
+    rows = []
+    for row, sample in enumerate(flat(remote)):
+        rows += [(row, token, lp) for token, lp in zip(sample.response_ids, sample.behavior_logprobs, strict=True)]
+    assert reported == rows  # every token, row by row (this client reports them once the answer is in)
     if sampling.temperature > 0:
         assert len({tuple(s.response_ids) for s in remote[0]}) > 1  # n samples, not n copies
     else:

@@ -160,6 +160,26 @@ def test_batches_larger_than_max_batch_size_run_in_chunks(engine: TorchEngine) -
         torch.testing.assert_close(chunked_sample.model_logprobs, sample.model_logprobs, atol=1e-5, rtol=0)
 
 
+def test_on_token_reports_every_token_of_every_row_in_order(engine: TorchEngine) -> None:
+    # Chunks of 4 rows (2 prompts x 2) over 5 prompts, with stops: rows are numbered over the whole call.
+    small = TorchEngine(engine.model, engine.tokenizer, TorchEngineConfig(max_batch_size=4))
+    reported: dict[int, list[tuple[int, float]]] = {}
+    sampling = Sampling(temperature=1.0, max_new_tokens=10, seed=2, stop=["1"])
+    groups = small.generate(
+        encode(engine, PROMPTS),
+        sampling,
+        n=2,
+        on_token=lambda row, token, lp: reported.setdefault(row, []).append((token, lp)),
+    )  # noqa: E501
+    samples = [s for group in groups for s in group]
+    assert sorted(reported) == list(range(len(samples)))
+    for row, sample in enumerate(samples):
+        assert [t for t, _ in reported[row]] == sample.response_ids
+        assert [lp for _, lp in reported[row]] == pytest.approx(sample.behavior_logprobs, abs=0)
+    assert len({len(s.response_ids) for s in samples}) > 1  # rows ended at different steps
+    assert small.generate(encode(engine, PROMPTS), sampling, n=2) == groups  # reporting changes nothing
+
+
 @pytest.mark.parametrize(
     ("prompts", "n", "message"),
     [

@@ -26,3 +26,9 @@ def test_only_calls_give_no_content_and_what_is_not_a_call_stays_text() -> None:
         assert parse_tool_calls(broken, "hermes") == (broken, []), broken
     text = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
     assert parse_tool_calls(text, "none") == (text, [])
+
+
+def test_content_keeps_its_leading_whitespace_and_loses_the_trailing_before_a_call() -> None:
+    # What a stream already sent (leading text) must stay a prefix of the content; the whitespace before a call goes.
+    text = '  Sure:\n <tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    assert parse_tool_calls(text, "hermes")[0] == "  Sure:"
