@@ -23,6 +23,7 @@ with it, also when the agent itself has already exited.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -157,10 +158,7 @@ class Cluster:
                 return
             for name, proc in self.children.items():  # the learner too: a run without it would never end well
                 if proc.poll() is not None:
-                    log_path = self.log_dir / f"{name}.log"
-                    raise SystemExit(
-                        f"{name} exited with {proc.returncode} before the agent proxy answered; see {log_path}"
-                    )
+                    raise SystemExit(self._exited(name, proc.returncode, " before the agent proxy answered"))
             try:
                 if httpx.get(f"{proxy_url}/v1/models", timeout=2.0).status_code == 200:
                     break
@@ -211,6 +209,12 @@ class Cluster:
             self._follower = threading.Thread(target=follow, args=(proc.stderr, self.view), kwargs=kwargs, daemon=True)
             self._follower.start()
 
+    def _exited(self, name: str, code: int | None, when: str = "") -> str:
+        """`<name> exited with <code><when>: <the last error its log names>; see <log>` (no error part without one)."""
+        log_path = self.log_dir / f"{name}.log"
+        error = last_error(log_path)
+        return f"{name} exited with {code}{when}{': ' + error if error else ''}; see {log_path}"
+
     def _say(self, text: str) -> None:
         """A line for the person: above the live table while there is one."""
         if self.view is not None:
@@ -227,13 +231,15 @@ class Cluster:
         while not self._stopping.is_set():
             code = learner.poll()
             if code is not None:
+                if code != 0:
+                    self._say(self._exited("learner", code))
                 return code
             for name, proc in self.children.items():
                 if name == AGENT and proc.poll() == 0:
                     self._say("the agent finished: stopping the cluster")
                     return 0
                 if name != "learner" and proc.poll() is not None:
-                    self._say(f"{name} exited with {proc.returncode}; see {self.log_dir / (name + '.log')}")
+                    self._say(self._exited(name, proc.returncode))
                     return 1
             if time.monotonic() > deadline:
                 self._say(f"timeout after {self.settings.up.timeout_s:.0f}s")
@@ -273,6 +279,24 @@ class Cluster:
         if accounting:
             print("accounting: " + " ".join(f"{k}={v}" for k, v in sorted(accounting.items())), file=self.out)
         print(self.progress.done_line(code), file=self.out, flush=True)
+
+
+# The line a Python traceback ends with (`OSError: [Errno 98] ...`), as torchrun prefixes it (`[rank0]: `).
+_ERROR_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt)(?::.*)?)$")
+_LOG_TAIL_BYTES = 65536
+
+
+def last_error(log_path: Path) -> str | None:
+    """The last exception line (`OSError: ...`) in the last 64 KiB of a child's log, cut to 300 characters; None
+    when the log has none (or cannot be read)."""
+    try:
+        with open(log_path, "rb") as log_file:
+            log_file.seek(max(0, log_file.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
+            lines = log_file.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    found = next((m.group(1) for line in reversed(lines) if (m := _ERROR_LINE.match(line.strip()))), None)
+    return None if found is None else found[:300]
 
 
 def _signal_group(leader: subprocess.Popen[bytes], signum: int) -> bool:
