@@ -54,11 +54,27 @@ def find_redis_server() -> str:
     )
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the caller retries if someone takes it meanwhile)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(count: int = 1) -> int:
+    """The first of `count` consecutive TCP ports on 127.0.0.1 that were all free a moment ago (`slipstream up` gives
+    its nodes telemetry ports P, P + 1, ...); the caller retries if someone takes one meanwhile."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            first = int(sock.getsockname()[1])
+        if first + count - 1 <= 65535 and all(port_is_free("127.0.0.1", first + k) for k in range(1, count)):
+            return first
+    raise OSError(f"no {count} consecutive free ports found on 127.0.0.1")
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a TCP server could listen on host:port now (bound and released at once)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _die_with_parent() -> None:

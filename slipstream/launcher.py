@@ -22,6 +22,7 @@ with it, also when the agent itself has already exited.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -125,6 +126,7 @@ class Cluster:
     def start(self) -> None:
         from bus.embedded import free_port
 
+        self._check_telemetry_ports()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._prepare_model()
         env = dict(os.environ, SLIPSTREAM_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
@@ -146,6 +148,21 @@ class Cluster:
             self._spawn(f"rollout-{i}", "rollout", env, own, pipe=False)
         if proxy_port is not None:
             self._start_agent(f"http://127.0.0.1:{proxy_port}", env)
+
+    def _check_telemetry_ports(self) -> None:
+        """Refuse at once, naming the port and its node, when a node's telemetry port is taken: the node would fail
+        to start only after the others had (learner P, rollout i P + 1 + i)."""
+        from bus.embedded import port_is_free
+
+        host, base = self.settings.telemetry.host, self.settings.telemetry.port
+        names = ["learner", *(f"rollout-{i}" for i in range(self.settings.up.rollout_nodes))]
+        for offset, name in enumerate(names):
+            if not port_is_free(host, base + offset):
+                whose = f"{name}'s, telemetry.port + {offset}" if offset else f"{name}'s"
+                raise SystemExit(
+                    f"telemetry.port: port {base + offset} ({whose}) is in use on {host}; give a --telemetry.port P "
+                    f"with P .. P + {len(names) - 1} free"
+                )
 
     def _start_agent(self, proxy_url: str, env: dict[str, str]) -> None:
         """Wait until rollout-0's proxy answers GET /v1/models, then start the agent command against it."""
@@ -287,16 +304,31 @@ _LOG_TAIL_BYTES = 65536
 
 
 def last_error(log_path: Path) -> str | None:
-    """The last exception line (`OSError: ...`) in the last 64 KiB of a child's log, cut to 300 characters; None
-    when the log has none (or cannot be read)."""
+    """The last error in the last 64 KiB of a child's log, cut to 300 characters: a traceback's last line
+    (`OSError: ...`), or in a JSON log line the last line of its `exception`; None when there is none (or no log)."""
     try:
         with open(log_path, "rb") as log_file:
             log_file.seek(max(0, log_file.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
             lines = log_file.read().decode(errors="replace").splitlines()
     except OSError:
         return None
-    found = next((m.group(1) for line in reversed(lines) if (m := _ERROR_LINE.match(line.strip()))), None)
-    return None if found is None else found[:300]
+    for line in reversed(lines):
+        found = _error_in(line.strip())
+        if found:
+            return found[:300]
+    return None
+
+
+def _error_in(line: str) -> str | None:
+    if line.startswith("{"):  # a structlog JSON event (SLIPSTREAM_LOG_FORMAT=json, as `up` runs its nodes)
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return None
+        exception = event.get("exception") if isinstance(event, dict) else None
+        return exception.strip().splitlines()[-1] if isinstance(exception, str) and exception.strip() else None
+    match = _ERROR_LINE.match(line)
+    return match.group(1) if match else None
 
 
 def _signal_group(leader: subprocess.Popen[bytes], signum: int) -> bool:

@@ -41,7 +41,7 @@ def test_the_agent_is_trained_through_the_proxy_on_its_own_tokens_only(redis_ser
     command = [
         sys.executable, "-m", "slipstream", "up", "--config", "configs/agent-tools.toml",
         "--bus.url", redis_server.url,
-        "--telemetry.port", str(free_port()),
+        "--telemetry.port", str(free_port(2)),  # the learner's and rollout-0's
         "--run.output_dir", str(tmp_path / "run"),
         "--model.path", str(model),
         "--up.timeout_s", "150",

@@ -19,7 +19,7 @@ def test_algorithm_config_trains_through_the_whole_system(algorithm: str, redis_
     command = [
         sys.executable, "-m", "slipstream", "up", "--config", f"configs/{algorithm}.toml",
         "--bus.url", redis_server.url,
-        "--telemetry.port", str(free_port()),  # the config's fixed port may be taken on a shared machine
+        "--telemetry.port", str(free_port(2)),  # P and P + 1 (rollout-0's): the config's may be taken
         "--run.output_dir", str(tmp_path / "run"),
         "--model.path", str(tmp_path / "model"),
         "--up.build_demo_model", "true",

@@ -46,7 +46,7 @@ def test_demo_learns_and_accounts_for_every_trajectory(redis_server, tmp_path: P
     command = [
         sys.executable, "-m", "slipstream", "up", "--config", "configs/demo.toml",
         "--bus.url", redis_server.url,
-        "--telemetry.port", str(free_port()),  # the config's fixed port may be taken on a shared machine
+        "--telemetry.port", str(free_port(2)),  # P and P + 1 (rollout-0's): the config's may be taken
         "--run.output_dir", str(tmp_path / "run"),
         "--model.path", str(tmp_path / "model"),
         "--up.timeout_s", "240",

@@ -35,7 +35,7 @@ def up_command(redis_url: str, tmp_path: Path, agent: list[str], *extra: str) ->
     return [
         sys.executable, "-m", "slipstream", "up", "--config", "configs/agent-tools.toml",
         "--bus.url", redis_url,
-        "--telemetry.port", str(free_port()),
+        "--telemetry.port", str(free_port(2)),  # the learner's and rollout-0's
         "--run.output_dir", str(tmp_path / "run"),
         "--model.path", str(tmp_path / "model"),
         "--up.agent.command", json.dumps(agent),

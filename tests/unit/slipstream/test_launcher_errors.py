@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from slipstream.launcher import last_error
@@ -37,4 +38,16 @@ def test_only_the_tail_of_a_long_log_is_read_and_the_line_is_bounded(tmp_path: P
     found = last_error(log)
     assert found is not None and found.startswith("RuntimeError: yyy") and len(found) == 300
     log.write_text("RuntimeError: long ago\n" + "step\n" * 20_000)  # 100 KB later: beyond the tail read
+    assert last_error(log) is None
+
+
+def test_a_json_log_line_gives_the_last_line_of_its_exception(tmp_path: Path) -> None:
+    log = tmp_path / "rollout-0.log"
+    failed = {
+        "event": "rollout node failed to start", "level": "error",
+        "exception": "Traceback (most recent call last):\n  File \"node.py\"\nOSError: [Errno 98] in use\n",
+    }  # fmt: skip
+    log.write_text(json.dumps(failed) + "\n" + json.dumps({"event": "rollout node stopped", "level": "info"}) + "\n")
+    assert last_error(log) == "OSError: [Errno 98] in use"
+    log.write_text('{"event": "not json after all"\n{"exception": 3}\n')
     assert last_error(log) is None
