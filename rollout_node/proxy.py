@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hmac
 import json
 import re
@@ -372,8 +371,9 @@ class AgentProxy:
         (the prompt generated from, the samples)."""
         session = plan.session
         try:
-            generate = functools.partial(self.engine.generate, on_token=on_token) if on_token else self.engine.generate
-            [samples] = await asyncio.to_thread(generate, [plan.prompt_ids], plan.sampling, plan.n)
+            [samples] = await asyncio.to_thread(
+                self.engine.generate, [plan.prompt_ids], plan.sampling, plan.n, on_token=on_token
+            )
         except ValueError as exc:
             raise ProxyError(400, str(exc)) from exc
         except Exception as exc:

@@ -7,7 +7,7 @@ then, once generation ended and the reply is built exactly as without `stream`, 
 calls, the finish chunk, the usage (`stream_options.include_usage`) and `[DONE]`. Joined, the deltas are the reply's
 content, and their logprobs the recorded tokens' behaviour logprobs.
 
-What is held back until the end: a partly decoded character (`\\ufffd`), and with tools the text from what may begin
+What is held back: a character whose tokens are not all in yet (`\\ufffd`), and with tools the text from what may begin
 a tool call (`<tool_call>` for hermes, or a prefix of it at the end) and any trailing whitespace, which the parser
 trims before a call. A failure after the first chunk went out ends the stream with OpenAI's error event
 (`data: {"error": {...}}`), which the `openai` client raises.
@@ -42,13 +42,24 @@ class TextStream:
     def __init__(self, tokenizer: Any, hold: str | None) -> None:
         self.tokenizer, self.hold = tokenizer, hold
         self.ids: list[int] = []
+        self.text = ""  # the decoded text of ids[:read_offset]
+        # Incremental detokenization (vLLM's): ids[prefix_offset:read_offset] decode to the end of `text`; decoding
+        # from prefix_offset on, rather than each token alone or the whole response every time, keeps what depends on
+        # the context (a leading space, a character split over tokens) right at O(new tokens) per step.
+        self.prefix_offset = self.read_offset = 0
         self.sent_text = ""
         self.sent_tokens = 0  # tokens whose logprobs went out with a delta
 
     def add(self, token_id: int) -> tuple[str, range] | None:
         """Take the next token; returns (new text, the tokens it covers) when some text can go out now."""
         self.ids.append(token_id)
-        visible = self._visible(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        decode = self.tokenizer.decode
+        known = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        extended = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(extended) > len(known) and not extended.endswith("\ufffd"):  # else: a character is still incomplete
+            self.text += extended[len(known) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        visible = self._visible(self.text)
         if len(visible) <= len(self.sent_text) or not visible.startswith(self.sent_text):
             return None
         return self._send(visible, len(self.ids))
@@ -68,7 +79,6 @@ class TextStream:
         return covered
 
     def _visible(self, text: str) -> str:
-        text = text.rstrip("\ufffd")  # a character whose bytes are not all decoded yet
         if self.hold is None:
             return text
         found = text.find(self.hold)

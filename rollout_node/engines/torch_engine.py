@@ -122,8 +122,8 @@ class TorchEngine(Engine):
         with torch.inference_mode():
             for start in range(0, len(prompts), prompts_per_chunk):
                 chunk = prompts[start : start + prompts_per_chunk]
-                rows = (on_token, start * n)
-                completions.extend(self._generate_chunk(chunk, sampling, n, generator, abort_epoch, rows))
+                groups = self._generate_chunk(chunk, sampling, n, generator, abort_epoch, on_token, first_row=start * n)
+                completions.extend(groups)
         return completions
 
     # --- decoding ------------------------------------------------------------------------------------------------
@@ -135,11 +135,11 @@ class TorchEngine(Engine):
         n: int,
         generator: torch.Generator,
         abort_epoch: int,
-        report: tuple[OnToken | None, int],
+        on_token: OnToken | None,
+        first_row: int,
     ) -> list[list[Sample]]:
         """Decode len(prompts) * n rows (row i*n + j is sample j of prompt i) until each stops or hits the limit;
-        `report` = (on_token, the call's row of this chunk's row 0): each step's tokens go to on_token when drawn."""
-        on_token, first_row = report
+        each step's tokens go to `on_token` when drawn, row r of this chunk as row `first_row + r` of the call."""
         width = max(len(p) for p in prompts)
         max_new = sampling.max_new_tokens
         capacity = width + max_new
