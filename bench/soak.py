@@ -135,8 +135,9 @@ class SoakResult:
     sent_by_producer: list[int] = field(default_factory=list)  # groups
     backpressure_wait_s: float = 0.0
     longest_stream: int = 0
-    # At each refresh: (length gauge, XLEN, pending gauge, XPENDING), the gauges read right after being set.
-    gauge_checks: list[tuple[float, int, float, int]] = field(default_factory=list)
+    # At each refresh: (length gauge, XLEN, entries producers appended from just before the refresh to that XLEN,
+    # pending gauge, XPENDING), the gauges read right after being set.
+    gauge_checks: list[tuple[float, int, int, float, int]] = field(default_factory=list)
     final_gauges: tuple[float, float] = (0.0, 0.0)  # (length, pending) scraped from the ingest's /metrics at the end
     final_redis: tuple[int, int] = (0, 0)  # (XLEN, XPENDING) at the same moment
     accounting: dict[str, int] = field(default_factory=dict)
@@ -262,6 +263,17 @@ def _backpressure_wait(stream: str) -> float:
     return REGISTRY.get_sample_value("slipstream_bus_backpressure_wait_seconds_total", labels) or 0.0
 
 
+def _last_id(client: redis.Redis, stream: str) -> str:
+    """The id of the newest entry the stream ever took (XINFO STREAM `last-generated-id`, Redis 6.2 as well)."""
+    last = client.xinfo_stream(stream)["last-generated-id"]
+    return last.decode() if isinstance(last, bytes) else str(last)
+
+
+def _appended_since(client: redis.Redis, stream: str, last: str) -> int:
+    """How many entries came after `last`: none of them is delivered, so none trimmed, while the ingest checks."""
+    return len(client.xrange(stream, min=f"({last}"))
+
+
 def _ingest(url: str, spec: SoakSpec, ready: Queue, report: Queue, finish: Event) -> None:
     """A learner rank's ingestion without the training step, until every group is settled; serves /metrics."""
     transport = setup_transport(_config(url, spec))
@@ -277,7 +289,7 @@ def _ingest(url: str, spec: SoakSpec, ready: Queue, report: Queue, finish: Event
     settled = 0
     timeline: list[tuple[float, int]] = []
     order: list[int] = []
-    checks: list[tuple[float, int, float, int]] = []
+    checks: list[tuple[float, int, int, float, int]] = []
     next_check = time.monotonic()
     while settled < spec.trajectories:
         # As the learner's loop: no waiting for new entries while a step's groups are at hand, one step per poll.
@@ -295,9 +307,12 @@ def _ingest(url: str, spec: SoakSpec, ready: Queue, report: Queue, finish: Event
             order += [int(u.received[0].message.producer.rpartition("-")[2]) for u in step]  # type: ignore[union-attr]
         if time.monotonic() >= next_check:
             next_check = time.monotonic() + spec.stats_interval_s
+            last = _last_id(probe, stream)
             consumer.refresh_stats()
             length, pending = _gauges(stream)
-            checks.append((length, probe.xlen(stream), pending, int(probe.xpending(stream, GROUP)["pending"])))
+            xlen = probe.xlen(stream)
+            appended = _appended_since(probe, stream, last)  # what producers added from before the refresh
+            checks.append((length, xlen, appended, pending, int(probe.xpending(stream, GROUP)["pending"])))
     consumer.refresh_stats()
     report.put({"timeline": timeline, "order": order, "checks": checks})
     finish.wait(spec.timeout_s)

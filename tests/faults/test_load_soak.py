@@ -67,12 +67,14 @@ def assert_soak_held(result: SoakResult) -> None:
     # Redis's own RSS grows with the dedup set (to its max_size ids) and the settle tokens (a day's worth) by design.
     assert result.redis_other_growth() < RSS_FLAT, f"Redis grew {result.redis_other_growth() / MiB:.1f} MiB"
 
-    # The gauges were read in the ingest process right after each refresh, then XLEN/XPENDING: only that process
-    # delivers and acks (pending is exact), while producers may append or trim up to a batch each in between.
-    assert result.gauge_checks and any(pending for _, _, pending, _ in result.gauge_checks)
-    for length, xlen, pending, xpending in result.gauge_checks:
+    # The gauges were read in the ingest process right after each refresh, then XLEN/XPENDING. Only that process
+    # delivers and acks (pending is exact, nothing more is trimmable), while producers append in between: at most the
+    # entries after the newest one just before the refresh (a loaded machine can deschedule the ingest for many
+    # batches, so a bound of one batch per producer failed in CI).
+    assert result.gauge_checks and any(pending for *_, pending, _ in result.gauge_checks)
+    for length, xlen, appended, pending, xpending in result.gauge_checks:
         assert pending == xpending
-        assert abs(length - xlen) <= spec.producers * spec.publish_batch
+        assert 0 <= xlen - length <= appended
     assert result.final_gauges == result.final_redis == (0, 0)
 
 
