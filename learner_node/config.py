@@ -178,10 +178,10 @@ class LearnerConfig(Section):
         None,
         ge=16,
         le=100_000_000,
-        description="GRPO/PPO: cut micro-batches by padded tokens (rows x longest prompt + longest response) instead "
-        "of by micro_batch_size alone: samples sorted by length, each micro-batch within this budget and "
-        "micro_batch_size rows (a longer sample goes alone). Same loss and gradient; less padding, bounded memory. "
-        "None: consecutive runs of micro_batch_size",
+        description="GRPO/PPO: also cut micro-batches by padded tokens (rows x longest prompt + longest response): "
+        "samples are sorted by length either way, and each micro-batch stays within this budget as well as "
+        "micro_batch_size rows (a longer sample goes alone). Same loss and gradient; bounded memory. None: "
+        "micro_batch_size rows alone",
     )
 
     # --- optimizer ---------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_placeholder_and_preference_rows() -> None:
     assert chosen.prompt_ids.tolist() == rejected.prompt_ids.tolist() == [1, 2]
 
 
-def test_a_token_budget_plan_sorts_by_length_and_keeps_each_micro_batch_within_budget_and_rows() -> None:
+def test_plans_sort_by_length_and_keep_each_micro_batch_within_budget_and_rows() -> None:
     rng = np.random.default_rng(0)
     lengths = [(int(rng.integers(1, 30)), int(rng.integers(1, 60))) for _ in range(40)] + [(50, 100)]  # one too long
     plan = plan_micro_batches(lengths, max_rows=8, max_tokens=200)
@@ -106,6 +106,8 @@ def test_a_token_budget_plan_sorts_by_length_and_keeps_each_micro_batch_within_b
         if rows != [40]:
             assert padded_tokens(lengths, [rows]) <= 200, rows
     assert [40] in plan  # longer than the budget alone: alone
-    consecutive = plan_micro_batches(lengths, max_rows=8, max_tokens=None)
-    assert consecutive == [list(range(i, min(i + 8, 41))) for i in range(0, 41, 8)]
-    assert padded_tokens(lengths, plan) < padded_tokens(lengths, consecutive)
+    rows_only = plan_micro_batches(lengths, max_rows=8, max_tokens=None)  # sorted too, cut by rows alone
+    by_length = sorted(range(41), key=lambda i: -sum(lengths[i]))
+    assert rows_only == [by_length[i : i + 8] for i in range(0, 41, 8)]
+    arrival = [list(range(i, min(i + 8, 41))) for i in range(0, 41, 8)]
+    assert padded_tokens(lengths, plan) < padded_tokens(lengths, rows_only) < padded_tokens(lengths, arrival)
