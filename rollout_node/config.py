@@ -7,7 +7,7 @@ Torch-free and import-light: `slipstream rollout --help` builds its options from
 
     [rollout]
     engine = "torch"                # or "sglang"
-    tasks_per_call = 4
+    tasks_per_call = 16
     proxy_port = 8000               # OpenAI-compatible agent proxy; absent = off
 
     [rollout.torch]
@@ -76,10 +76,11 @@ class RolloutConfig(Section):
         "to it (None: the engine's own URL, if it has one)",
     )
     tasks_per_call: int = Field(
-        4,
+        16,
         ge=1,
         le=1024,
-        description="tasks taken per poll and generated together (one engine call per distinct sampling setting)",
+        description="tasks taken per poll and generated together (one engine call per distinct sampling setting): 16 "
+        "tasks of 16 samples fill the torch engine's 256-row batch and keep 256 requests in flight on SGLang",
     )
     generation_workers: int = Field(
         1,
