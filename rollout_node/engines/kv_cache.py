@@ -68,8 +68,14 @@ class PreallocatedLayer(CacheLayerMixin):
         self._refresh_views()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._key_buffer = self._key_buffer[indices]
-        self._value_buffer = self._value_buffer[indices]
+        """Keep the rows `indices` (the unfinished ones), compacted in place into the buffers' first rows. Only the
+        filled positions move: gathering the whole buffers into new ones also copied and allocated their empty tail
+        (15% of a decode thread's time on the learn bench's 32-token responses; 256 rows of 40 tokens that stop at
+        random took 0.85-0.88 s against 0.91-0.92 s, 2026-12-08)."""
+        kept = len(indices)
+        for buffer in (self._key_buffer, self._value_buffer):
+            buffer[:kept, :, : self.length] = buffer[indices, :, : self.length]
+        self._key_buffer, self._value_buffer = self._key_buffer[:kept], self._value_buffer[:kept]
         self._refresh_views()
 
     def _refresh_views(self) -> None:
