@@ -116,8 +116,8 @@ def plan_micro_batches(lengths: Sequence[tuple[int, int]], max_rows: int, max_to
     Rows sorted longest first, each micro-batch filled while its rows stay within `max_rows` and, with `max_tokens`,
     its padded size, rows x (max P + max T), within `max_tokens`: similar lengths pad each other little (in arrival
     order, 9-token responses were padded to the 40 of their micro-batch's longest, and two thirds of a step's
-    compute was padding). A row longer than the budget goes alone. The plan changes only how the step is cut: the loss normalisers are the
-    step's, so the loss and gradient are the same for any plan.
+    compute was padding). A row longer than the budget goes alone. The plan changes only how the step is cut: the
+    loss normalisers are the step's, so the loss and gradient are the same for any plan.
     """
     budget = math.inf if max_tokens is None else max_tokens
     plan: list[list[int]] = []
